@@ -1,0 +1,1 @@
+"""The hospital client: the ClientApp."""

@@ -1,0 +1,148 @@
+"""Run configuration: what the federation agrees on, parsed once from `[tool.flwr.app.config]`."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+MODELS = ("lightcnn", "seedcnn")
+PARTITIONS = ("iid", "dirichlet")
+
+
+class ConfigError(ValueError):
+    """A run setting is missing, unknown or out of range; the message names it."""
+
+
+def _setting(default: Any, check: Callable[[Any], bool] | None = None, allowed: str = "", doc: str = "") -> Any:
+    """Declare a run setting with its default, its range check and a description of the allowed values."""
+    return field(default=default, metadata={"check": check, "allowed": allowed, "doc": doc})
+
+
+def _positive(value: Any) -> bool:
+    """True for a number above zero."""
+    return value > 0
+
+
+def _fraction(value: Any) -> bool:
+    """True for a number in (0, 1]."""
+    return 0 < value <= 1
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """Every run setting, typed and checked; keys are the dashed names of `[tool.flwr.app.config]`."""
+
+    num_server_rounds: int = _setting(10, _positive, "an integer >= 1", "federated rounds")
+    local_epochs: int = _setting(2, _positive, "an integer >= 1", "passes over a hospital's images per round")
+    batch_size: int = _setting(16, _positive, "an integer >= 1", "images per training step")
+    learning_rate: float = _setting(3e-3, _positive, "a number > 0", "Adam's learning rate")
+    fraction_train: float = _setting(1.0, _fraction, "a number in (0, 1]", "share of hospitals sampled to train each round")
+    fraction_evaluate: float = _setting(1.0, _fraction, "a number in (0, 1]", "share of hospitals sampled to validate each round")
+    min_hospitals: int = _setting(2, _positive, "an integer >= 1", "fewest hospitals a round may start with")
+    round_timeout: float = _setting(600.0, _positive, "a number of seconds > 0", "how long the server waits for replies")
+    early_stop_rounds: int = _setting(0, lambda v: v >= 0, "an integer >= 0 (0: off)", "stop after this many rounds without a better pooled AUC")
+    model: str = _setting("lightcnn", lambda v: v in MODELS, f"one of {', '.join(MODELS)}", "the CNN (common/model.py)")
+    initial_weights: str = _setting("", None, "a path to a .keras or .weights.h5 file, or empty", "initial global weights")
+    labels: tuple[str, ...] = _setting(("lesion",), lambda v: len(v) >= 1 and len(set(v)) == len(v) and all(v), "comma-separated distinct names", "the findings, one logit each")
+    image_size: int = _setting(64, lambda v: 16 <= v <= 1024, "an integer in [16, 1024]", "model input height and width")
+    data: str = _setting("synthetic", None, "'synthetic' or a path to an .npz file", "the images the simulated hospitals share out")
+    num_hospitals: int = _setting(4, _positive, "an integer >= 1", "simulated hospitals")
+    images_per_hospital: int = _setting(600, lambda v: v >= 10, "an integer >= 10", "built-in data: images made per hospital on average")
+    heldout_images: int = _setting(800, lambda v: v >= 10, "an integer >= 10", "built-in data: size of the server's held-out set")
+    prevalence: float = _setting(0.5, lambda v: 0 < v < 1, "a number in (0, 1)", "built-in data: share of images with a lesion")
+    partition: str = _setting("iid", lambda v: v in PARTITIONS, f"one of {', '.join(PARTITIONS)}", "how the images are shared out")
+    dirichlet_alpha: float = _setting(0.5, _positive, "a number > 0", "label-skew concentration (smaller: more skew)")
+    scanner_spread: float = _setting(1.0, lambda v: 0 <= v <= 2, "a number in [0, 2]", "how much hospitals' scanners differ (0: identical)")
+    val_fraction: float = _setting(0.2, lambda v: 0 < v < 1, "a number in (0, 1)", "share of a hospital's images kept for validation")
+    threshold: float = _setting(0.5, lambda v: 0 < v < 1, "a probability in (0, 1)", "decision threshold for sensitivity and specificity")
+    histogram_bins: int = _setting(400, lambda v: 10 <= v <= 10_000, "an integer in [10, 10000]", "score-histogram bins")
+    seed: int = _setting(42, lambda v: v >= 0, "an integer >= 0", "seed for data, splits and initial weights")
+    threads_per_client: int = _setting(1, _positive, "an integer >= 1", "TensorFlow threads per client process")
+    output_dir: str = _setting("runs", None, "a folder path", "where run folders are written")
+    run_name: str = _setting("", None, "a folder name, or empty for a timestamp", "name of this run's folder")
+
+    @property
+    def data_path(self) -> Path | None:
+        """The `.npz` file named by `data`, or None for the built-in data."""
+        return None if self.data == "synthetic" else Path(self.data)
+
+
+_FIELDS = {f.name.replace("_", "-"): f for f in dataclasses.fields(RunConfig)}
+
+
+def _coerce(key: str, value: Any, f: dataclasses.Field) -> Any:
+    """Convert a TOML value to the field's type, or raise ConfigError naming the key."""
+    allowed = f.metadata["allowed"]
+    if f.type in ("int", int):
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"run setting '{key}' = {value!r}: expected {allowed}")
+        return value
+    if f.type in ("float", float):
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"run setting '{key}' = {value!r}: expected {allowed}")
+        return float(value)
+    if f.type in ("tuple[str, ...]",):
+        if not isinstance(value, str):
+            raise ConfigError(f"run setting '{key}' = {value!r}: expected {allowed}")
+        return tuple(part.strip() for part in value.split(","))
+    if not isinstance(value, str):
+        raise ConfigError(f"run setting '{key}' = {value!r}: expected {allowed}")
+    return value
+
+
+def parse_run_config(raw: dict[str, Any], base_dir: Path | None = None) -> RunConfig:
+    """Check every run setting and return the RunConfig; relative paths resolve against base_dir (default: cwd)."""
+    unknown = sorted(set(raw) - set(_FIELDS))
+    if unknown:
+        raise ConfigError(f"unknown run setting(s) {', '.join(map(repr, unknown))}; known settings: {', '.join(sorted(_FIELDS))}")
+    values: dict[str, Any] = {}
+    for key, value in raw.items():
+        f = _FIELDS[key]
+        value = _coerce(key, value, f)
+        check = f.metadata["check"]
+        if check is not None and not check(value):
+            raise ConfigError(f"run setting '{key}' = {value!r} is out of range: expected {f.metadata['allowed']}")
+        values[f.name] = value
+    cfg = RunConfig(**values)
+    return _resolve_paths(cfg, base_dir or Path.cwd())
+
+
+def _resolve_paths(cfg: RunConfig, base_dir: Path) -> RunConfig:
+    """Make path settings absolute and check that the named input files exist."""
+    def absolute(path: str) -> str:
+        return str((base_dir / path).resolve()) if path else path
+
+    data = cfg.data if cfg.data == "synthetic" else absolute(cfg.data)
+    cfg = dataclasses.replace(cfg, data=data, initial_weights=absolute(cfg.initial_weights), output_dir=absolute(cfg.output_dir))
+    if cfg.data_path is not None:
+        if cfg.data_path.suffix != ".npz":
+            raise ConfigError(f"run setting 'data' = {cfg.data!r}: expected 'synthetic' or a path to an .npz file")
+        if not cfg.data_path.is_file():
+            raise ConfigError(f"run setting 'data': file not found: {cfg.data}")
+    if cfg.initial_weights:
+        if not cfg.initial_weights.endswith((".keras", ".weights.h5")):
+            raise ConfigError(f"run setting 'initial-weights' = {cfg.initial_weights!r}: expected a .keras or .weights.h5 file")
+        if not Path(cfg.initial_weights).is_file():
+            raise ConfigError(f"run setting 'initial-weights': file not found: {cfg.initial_weights}")
+    if "/" in cfg.run_name or cfg.run_name in (".", ".."):
+        raise ConfigError(f"run setting 'run-name' = {cfg.run_name!r}: expected a plain folder name")
+    if cfg.min_hospitals > cfg.num_hospitals:
+        raise ConfigError(
+            f"run setting 'min-hospitals' = {cfg.min_hospitals} exceeds 'num-hospitals' = {cfg.num_hospitals}: expected at most {cfg.num_hospitals}"
+        )
+    return cfg
+
+
+def config_to_dict(cfg: RunConfig) -> dict[str, Any]:
+    """The resolved configuration with dashed keys, as written to a run folder's config.json."""
+    return {name: (",".join(getattr(cfg, f.name)) if isinstance(getattr(cfg, f.name), tuple) else getattr(cfg, f.name)) for name, f in _FIELDS.items()}
+
+
+def describe_settings() -> list[tuple[str, Any, str, str]]:
+    """(key, default, allowed values, meaning) for every run setting, for the README and --help."""
+    return [
+        (name, ",".join(f.default) if isinstance(f.default, tuple) else f.default, f.metadata["allowed"], f.metadata["doc"])
+        for name, f in _FIELDS.items()
+    ]

@@ -1,0 +1,114 @@
+"""Simulated hospitals: who gets which images, and each hospital's scanner. The one place where they differ."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from common import synthetic
+from common.config import ConfigError, RunConfig
+from common.data import ImageSet, load_npz_split, stratified_split, to_model_input
+
+MIN_IMAGES_PER_HOSPITAL = 10
+HELDOUT_SEED_OFFSET = 1_000_003  # the server's held-out images are another draw of the generator
+_DIRICHLET_TRIES = 1000
+
+
+@dataclass(frozen=True)
+class Scanner:
+    """A hospital's imaging chain: x -> (x - 0.5) * contrast + 0.5 + brightness + N(0, noise_std)."""
+
+    contrast: float = 1.0
+    brightness: float = 0.0
+    noise_std: float = 0.0
+
+
+def scanner_for(hospital: int, seed: int, spread: float) -> Scanner:
+    """Hospital `hospital`'s scanner; spread 0 gives every hospital the identity scanner."""
+    rng = np.random.default_rng([seed, 0x5CA7, hospital])
+    contrast, brightness, noise = rng.uniform(-0.15, 0.15), rng.uniform(-0.08, 0.08), rng.uniform(0.0, 0.02)
+    return Scanner(1.0 + spread * contrast, spread * brightness, spread * noise)
+
+
+def apply_scanner(images: np.ndarray, scanner: Scanner, rng: np.random.Generator) -> np.ndarray:
+    """Images (n, h, w, c) in [0, 1] as seen through a scanner, still in [0, 1]."""
+    out = (images - 0.5) * scanner.contrast + 0.5 + scanner.brightness
+    if scanner.noise_std > 0:
+        out = out + rng.normal(0.0, scanner.noise_std, images.shape).astype(np.float32)
+    return np.clip(out, 0.0, 1.0).astype(np.float32)
+
+
+def assign_hospitals(labels: np.ndarray, cfg: RunConfig) -> np.ndarray:
+    """The hospital (0..num_hospitals-1) of every image of the pool: IID or Dirichlet label skew, each image once."""
+    n, k = len(labels), cfg.num_hospitals
+    if n < k * MIN_IMAGES_PER_HOSPITAL:
+        raise ConfigError(
+            f"run setting 'num-hospitals' = {k}: the data has {n} training images, enough for at most "
+            f"{n // MIN_IMAGES_PER_HOSPITAL} hospitals of {MIN_IMAGES_PER_HOSPITAL} images each"
+        )
+    rng = np.random.default_rng([cfg.seed, 0xD1C7])
+    if cfg.partition == "iid":
+        return rng.permutation(np.arange(n) % k)
+    classes = np.unique(labels, axis=0, return_inverse=True)[1].reshape(-1)
+    for _ in range(_DIRICHLET_TRIES):
+        hospital = np.empty(n, np.int64)
+        for c in np.unique(classes):
+            rows = rng.permutation(np.flatnonzero(classes == c))
+            shares = rng.dirichlet(np.full(k, cfg.dirichlet_alpha))
+            cuts = (np.cumsum(shares)[:-1] * len(rows)).astype(int)
+            for h, part in enumerate(np.split(rows, cuts)):
+                hospital[part] = h
+        if np.bincount(hospital, minlength=k).min() >= MIN_IMAGES_PER_HOSPITAL:
+            return hospital
+    raise ConfigError(
+        f"run settings 'dirichlet-alpha' = {cfg.dirichlet_alpha} and 'num-hospitals' = {k}: no split in "
+        f"{_DIRICHLET_TRIES} draws gave every hospital {MIN_IMAGES_PER_HOSPITAL} images; raise the alpha or lower the hospitals"
+    )
+
+
+def pool_labels(cfg: RunConfig) -> np.ndarray:
+    """Labels (n, n_labels) of the training pool that the hospitals share out."""
+    if cfg.data_path is None:
+        if len(cfg.labels) != 1:
+            raise ConfigError(f"run setting 'labels' = {','.join(cfg.labels)!r}: the built-in data has one label")
+        return synthetic.sample_labels(cfg.seed, cfg.num_hospitals * cfg.images_per_hospital, cfg.prevalence)
+    return np.concatenate([load_npz_split(cfg.data_path, split, len(cfg.labels))[1] for split in ("train", "val")])
+
+
+def _pool_images(cfg: RunConfig, rows: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Images (n, s, s, c) and boxes (n, 4) of the given pool rows, made or read only for those rows."""
+    if cfg.data_path is None:
+        return synthetic.make_images(cfg.seed, rows, labels[rows], cfg.image_size)
+    images = np.concatenate([load_npz_split(cfg.data_path, split, len(cfg.labels))[0] for split in ("train", "val")])
+    return to_model_input(images[rows], cfg.image_size), np.full((len(rows), 4), np.nan, np.float32)
+
+
+def hospital_data(cfg: RunConfig, hospital: int) -> tuple[ImageSet, ImageSet]:
+    """Hospital `hospital`'s (train, validation) images, seen through its scanner."""
+    if not 0 <= hospital < cfg.num_hospitals:
+        raise ConfigError(f"hospital {hospital} does not exist: run setting 'num-hospitals' = {cfg.num_hospitals}")
+    labels = pool_labels(cfg)
+    rows = np.flatnonzero(assign_hospitals(labels, cfg) == hospital)
+    images, boxes = _pool_images(cfg, rows, labels)
+    images = apply_scanner(images, scanner_for(hospital, cfg.seed, cfg.scanner_spread), np.random.default_rng([cfg.seed, 0x1A6E, hospital]))
+    local = ImageSet(images, labels[rows], boxes, np.full(len(rows), hospital, np.int16))
+    train, val = stratified_split(local.labels, cfg.val_fraction, cfg.seed + hospital)
+    return local.take(train), local.take(val)
+
+
+def heldout_set(cfg: RunConfig) -> ImageSet:
+    """The server's held-out set: built-in data made on the server with every hospital's scanner on a share, or the file's test split."""
+    if cfg.data_path is not None:
+        images, labels = load_npz_split(cfg.data_path, "test", len(cfg.labels))
+        n = len(images)
+        return ImageSet(to_model_input(images, cfg.image_size), labels, np.full((n, 4), np.nan, np.float32), np.full(n, -1, np.int16))
+    seed = cfg.seed + HELDOUT_SEED_OFFSET
+    labels = synthetic.sample_labels(seed, cfg.heldout_images, cfg.prevalence)
+    images, boxes = synthetic.make_images(seed, np.arange(cfg.heldout_images), labels, cfg.image_size)
+    source = (np.arange(cfg.heldout_images) % cfg.num_hospitals).astype(np.int16)
+    for hospital in range(cfg.num_hospitals):
+        rows = source == hospital
+        rng = np.random.default_rng([seed, 0x1A6E, hospital])
+        images[rows] = apply_scanner(images[rows], scanner_for(hospital, cfg.seed, cfg.scanner_spread), rng)
+    return ImageSet(images, labels, boxes, source)

@@ -1,0 +1,146 @@
+"""What crosses the wire: the record keys, packing replies on a client, and validating them where they arrive.
+
+A train reply holds the site's new weights, its number of training images and its mean training loss; an
+evaluate reply holds its number of validation images, its confusion counts at the run's threshold and, per label,
+histograms of its logits for positives and negatives. Both carry the site's name (Flower's aggregation hooks do not
+say which hospital a reply came from). Nothing else leaves a hospital: no image, no per-patient score.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+from flwr.app import ArrayRecord, ConfigRecord, MetricRecord, RecordDict
+
+ARRAYS = "arrays"  # ArrayRecord: model weights, in the model's get_weights() order
+METRICS = "metrics"  # MetricRecord
+SITE = "site"  # ConfigRecord holding SITE_NAME
+SITE_NAME = "site-name"
+
+NUM_EXAMPLES = "num-examples"  # images, never batches: FedAvg weighs by it
+TRAIN_LOSS = "train-loss"
+CONFUSION = "confusion"  # (n_labels, 4) TP, FP, TN, FN, flattened
+HIST_POS = "hist-pos"  # (n_labels, n_bins), flattened
+HIST_NEG = "hist-neg"
+
+TRAIN_METRIC_KEYS = frozenset({NUM_EXAMPLES, TRAIN_LOSS})
+EVALUATE_METRIC_KEYS = frozenset({NUM_EXAMPLES, CONFUSION, HIST_POS, HIST_NEG})
+
+
+class ReplyError(ValueError):
+    """A reply that cannot be used; the message says what was wrong with it."""
+
+
+@dataclass(frozen=True)
+class TrainReply:
+    """A validated train reply."""
+
+    site: str
+    num_examples: int
+    train_loss: float
+    weights: list[np.ndarray]
+
+
+@dataclass(frozen=True)
+class EvaluateReply:
+    """A validated evaluate reply."""
+
+    site: str
+    num_examples: int
+    counts: np.ndarray  # (n_labels, 4) int64
+    pos: np.ndarray  # (n_labels, n_bins) int64
+    neg: np.ndarray  # (n_labels, n_bins) int64
+
+
+def pack_train_reply(site: str, weights: list[np.ndarray], num_examples: int, train_loss: float) -> RecordDict:
+    """The content of a train reply."""
+    return RecordDict(
+        {
+            ARRAYS: ArrayRecord(weights),
+            METRICS: MetricRecord({NUM_EXAMPLES: int(num_examples), TRAIN_LOSS: float(train_loss)}),
+            SITE: ConfigRecord({SITE_NAME: site}),
+        }
+    )
+
+
+def pack_evaluate_reply(site: str, num_examples: int, counts: np.ndarray, pos: np.ndarray, neg: np.ndarray) -> RecordDict:
+    """The content of an evaluate reply."""
+    return RecordDict(
+        {
+            METRICS: MetricRecord(
+                {
+                    NUM_EXAMPLES: int(num_examples),
+                    CONFUSION: [int(v) for v in counts.reshape(-1)],
+                    HIST_POS: [int(v) for v in pos.reshape(-1)],
+                    HIST_NEG: [int(v) for v in neg.reshape(-1)],
+                }
+            ),
+            SITE: ConfigRecord({SITE_NAME: site}),
+        }
+    )
+
+
+def reply_site(content: RecordDict) -> str:
+    """The site name a reply carries, or raise ReplyError."""
+    if SITE not in content.config_records or not isinstance(content.config_records[SITE].get(SITE_NAME), str):
+        raise ReplyError(f"no site name (expected ConfigRecord {SITE!r} with key {SITE_NAME!r})")
+    return content.config_records[SITE][SITE_NAME]
+
+
+def _metrics(content: RecordDict, keys: frozenset[str]) -> MetricRecord:
+    """The reply's MetricRecord, checked to hold exactly the expected keys."""
+    if set(content.metric_records) != {METRICS}:
+        raise ReplyError(f"expected one MetricRecord {METRICS!r}, got {sorted(content.metric_records)}")
+    metrics = content.metric_records[METRICS]
+    if set(metrics) != keys:
+        raise ReplyError(f"metrics keys {sorted(metrics)} differ from the expected {sorted(keys)}")
+    n = metrics[NUM_EXAMPLES]
+    if not isinstance(n, int) or n <= 0:
+        raise ReplyError(f"{NUM_EXAMPLES} = {n!r}: expected a positive number of images")
+    return metrics
+
+
+def parse_train_reply(content: RecordDict, shapes: list[tuple[int, ...]]) -> TrainReply:
+    """Validate a train reply against the global model's weight shapes."""
+    site = reply_site(content)
+    metrics = _metrics(content, TRAIN_METRIC_KEYS)
+    if set(content.array_records) != {ARRAYS}:
+        raise ReplyError(f"expected one ArrayRecord {ARRAYS!r}, got {sorted(content.array_records)}")
+    weights = content.array_records[ARRAYS].to_numpy_ndarrays()
+    got = [tuple(w.shape) for w in weights]
+    if got != [tuple(s) for s in shapes]:
+        raise ReplyError(f"weights have shapes {got}, the global model has {shapes}")
+    for i, w in enumerate(weights):
+        if not np.issubdtype(w.dtype, np.floating) or not np.isfinite(w).all():
+            raise ReplyError(f"weight array {i} holds non-finite or non-float values ({w.dtype})")
+    loss = metrics[TRAIN_LOSS]
+    if not isinstance(loss, float) or not math.isfinite(loss):
+        raise ReplyError(f"{TRAIN_LOSS} = {loss!r}: expected a finite number")
+    return TrainReply(site, metrics[NUM_EXAMPLES], loss, weights)
+
+
+def _int_array(metrics: MetricRecord, key: str, shape: tuple[int, int]) -> np.ndarray:
+    """A flattened non-negative integer list from the metrics, reshaped, or raise ReplyError."""
+    values = metrics[key]
+    if not isinstance(values, list) or len(values) != shape[0] * shape[1] or not all(isinstance(v, int) and v >= 0 for v in values):
+        raise ReplyError(f"{key}: expected {shape[0] * shape[1]} non-negative integers ({shape[0]} x {shape[1]})")
+    return np.asarray(values, np.int64).reshape(shape)
+
+
+def parse_evaluate_reply(content: RecordDict, n_labels: int, n_bins: int) -> EvaluateReply:
+    """Validate an evaluate reply: shapes, non-negative counts, and counts that agree with the histograms."""
+    site = reply_site(content)
+    metrics = _metrics(content, EVALUATE_METRIC_KEYS)
+    if content.array_records:
+        raise ReplyError(f"an evaluate reply carries no arrays, got {sorted(content.array_records)}")
+    counts = _int_array(metrics, CONFUSION, (n_labels, 4))
+    pos = _int_array(metrics, HIST_POS, (n_labels, n_bins))
+    neg = _int_array(metrics, HIST_NEG, (n_labels, n_bins))
+    n = metrics[NUM_EXAMPLES]
+    for j in range(n_labels):
+        tp, fp, tn, fn = counts[j]
+        if pos[j].sum() != tp + fn or neg[j].sum() != fp + tn or tp + fp + tn + fn != n:
+            raise ReplyError(f"label {j}: confusion counts {counts[j].tolist()} disagree with the histograms or with {NUM_EXAMPLES} = {n}")
+    return EvaluateReply(site, n, counts, pos, neg)

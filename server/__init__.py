@@ -1,0 +1,1 @@
+"""The aggregation server: ServerApp, strategy, held-out checks, run folder, simulation launcher."""

@@ -1,0 +1,101 @@
+"""The ServerApp: FedAvg rounds over the hospitals, the held-out check each round, and the run folder."""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+
+import keras
+from flwr.app import ArrayRecord, ConfigRecord, Context
+from flwr.serverapp import Grid, ServerApp
+
+from common.config import RunConfig, parse_run_config
+from common.model import build_model, load_initial_weights
+from common.partition import heldout_set
+from common.runtime import configure_tensorflow
+from server.evaluation import evaluate_heldout
+from server.history import fmt, run_folder, save_model, write_history
+from server.strategy import HospitalFedAvg
+
+app = ServerApp()
+
+
+def say(text: str) -> None:
+    """One line of progress for the operator (streamed by `flwr run --stream`)."""
+    print(f"[fedimaging] {text}", flush=True)
+
+
+@app.main()
+def main(grid: Grid, context: Context) -> None:
+    """Run the federation as the run settings say."""
+    cfg = parse_run_config(dict(context.run_config))
+    configure_tensorflow(os.cpu_count() or 1)
+    run_federation(grid, cfg)
+
+
+def _eta(seconds: list[float], remaining: int) -> str:
+    """Remaining time from the mean round so far, as '1m30s'."""
+    left = int(round(sum(seconds) / len(seconds) * remaining)) if seconds else 0
+    return f"{left // 60}m{left % 60:02d}s"
+
+
+def run_federation(grid: Grid, cfg: RunConfig) -> None:
+    """Round 0 (the initial model) and then train, validate and check each round until the last or an early stop."""
+    folder = run_folder(cfg)
+    say(f"run folder: {folder}")
+    keras.utils.set_random_seed(cfg.seed)
+    heldout = heldout_set(cfg)
+    model = build_model(cfg.model, heldout.images.shape[1:], len(cfg.labels), cfg.learning_rate)
+    if cfg.initial_weights:
+        load_initial_weights(model, cfg.initial_weights)
+    strategy = HospitalFedAvg(cfg, [tuple(w.shape) for w in model.get_weights()])
+    arrays = ArrayRecord(model.get_weights())
+
+    start = time.time()
+    held = evaluate_heldout(model, heldout, cfg)
+    rows = [{"round": 0, **{f"heldout_{k}": v for k, v in held.items()}, "n_sites": 0, "n_failed": 0, "seconds": time.time() - start, "best": False}]
+    write_history(folder, rows)
+    say(f"round 0/{cfg.num_server_rounds}  held-out AUC {fmt(held['auc'])} (initial model, {len(heldout)} held-out images)")
+
+    best_auc, stale, round_seconds = -math.inf, 0, []
+    for rnd in range(1, cfg.num_server_rounds + 1):
+        start = time.time()
+        replies = grid.send_and_receive(strategy.configure_train(rnd, arrays, ConfigRecord(), grid), timeout=cfg.round_timeout)
+        new_arrays, _ = strategy.aggregate_train(rnd, replies)
+        arrays = new_arrays if new_arrays is not None else arrays
+        replies = grid.send_and_receive(strategy.configure_evaluate(rnd, arrays, ConfigRecord(), grid), timeout=cfg.round_timeout)
+        strategy.aggregate_evaluate(rnd, replies)
+        model.set_weights(arrays.to_numpy_ndarrays())
+        held = evaluate_heldout(model, heldout, cfg)
+
+        record = strategy.record
+        pooled = {f"global_{k}": v for k, v in record.pooled.items()}
+        auc = record.pooled.get("auc", math.nan)
+        best = not math.isnan(auc) and auc > best_auc
+        if best:
+            best_auc, stale = auc, 0
+            save_model(model, folder / "model_best.keras")
+        else:
+            stale += 1
+        save_model(model, folder / "model_last.keras")
+        round_seconds.append(time.time() - start)
+        rows.append(
+            {
+                "round": rnd, **pooled, **{f"heldout_{k}": v for k, v in held.items()},
+                "n_sites": len(record.trained), "n_failed": len(record.failures), "n_val": record.n_val,
+                "train_loss": record.train_loss, "seconds": round_seconds[-1], "best": best, "failures": "; ".join(record.failures),
+            }
+        )  # fmt: skip
+        write_history(folder, rows)
+        say(
+            f"round {rnd}/{cfg.num_server_rounds}  pooled AUC {fmt(auc)}  sens {fmt(pooled.get('global_sensitivity'), 2)}  "
+            f"spec {fmt(pooled.get('global_specificity'), 2)}  held-out AUC {fmt(held['auc'])}  "
+            f"sites {len(record.trained)}/{len(strategy.sent.get('train', []))}"
+            + (f"  FAILED {len(record.failures)}" if record.failures else "")
+            + f"  {round_seconds[-1]:.1f} s  ETA {_eta(round_seconds, cfg.num_server_rounds - rnd)}"
+        )
+        if cfg.early_stop_rounds and stale >= cfg.early_stop_rounds:
+            say(f"early stop: no better pooled AUC for {stale} rounds (early-stop-rounds = {cfg.early_stop_rounds})")
+            break
+    say(f"done: best pooled AUC {fmt(best_auc)}; final held-out AUC {fmt(held['auc'])}; run folder: {folder}")

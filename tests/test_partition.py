@@ -1,0 +1,86 @@
+"""Simulated hospitals: disjoint and complete splits, skew as asked, scanners, and the server's held-out set."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pytest
+
+from common.config import ConfigError, parse_run_config
+from common.partition import Scanner, apply_scanner, assign_hospitals, heldout_set, hospital_data, pool_labels, scanner_for
+
+
+def _cfg(**settings):
+    return parse_run_config({"image-size": 32, **settings})
+
+
+@pytest.mark.parametrize("partition", ["iid", "dirichlet"])
+def test_every_image_goes_to_exactly_one_hospital(partition):
+    cfg = _cfg(**{"num-hospitals": 5, "images-per-hospital": 100, "partition": partition})
+    labels = pool_labels(cfg)
+    hospital = assign_hospitals(labels, cfg)
+    assert hospital.shape == (500,) and set(np.unique(hospital)) == set(range(5))
+    assert np.array_equal(hospital, assign_hospitals(labels, cfg))  # reproducible from the seed
+
+
+def test_iid_hospitals_are_balanced_and_dirichlet_skews_labels_more_as_alpha_falls():
+    def spread(partition, alpha):
+        cfg = _cfg(**{"num-hospitals": 5, "images-per-hospital": 200, "partition": partition, "dirichlet-alpha": alpha})
+        labels = pool_labels(cfg)[:, 0]
+        hospital = assign_hospitals(pool_labels(cfg), cfg)
+        prevalence = [labels[hospital == h].mean() for h in range(5)]
+        return np.bincount(hospital), np.std(prevalence)
+
+    sizes, iid_spread = spread("iid", 1.0)
+    assert sizes.max() - sizes.min() <= 1
+    _, skew_05 = spread("dirichlet", 0.5)
+    _, skew_01 = spread("dirichlet", 0.1)
+    assert iid_spread < 0.05 < skew_05 < skew_01
+
+
+def test_hospital_splits_are_disjoint_and_stratified_and_cover_the_hospital():
+    cfg = _cfg(**{"num-hospitals": 3, "images-per-hospital": 60})
+    hospital = assign_hospitals(pool_labels(cfg), cfg)
+    for h in range(3):
+        train, val = hospital_data(cfg, h)
+        assert len(train) + len(val) == (hospital == h).sum()
+        assert abs(len(val) - 0.2 * (len(train) + len(val))) <= 2
+        assert set(np.unique(val.labels)) == {0, 1}
+        # no image in both splits: compare pixel content
+        train_keys = {img.tobytes() for img in train.images}
+        assert not any(img.tobytes() in train_keys for img in val.images)
+        assert (train.source == h).all() and (val.source == h).all()
+
+
+def test_scanners_differ_between_hospitals_and_vanish_at_zero_spread():
+    assert scanner_for(0, 1, 1.0) != scanner_for(1, 1, 1.0)
+    assert scanner_for(2, 1, 0.0) == Scanner()
+    images = np.full((2, 8, 8, 1), 0.5, np.float32)
+    out = apply_scanner(images, Scanner(contrast=1.2, brightness=0.1), np.random.default_rng(0))
+    assert np.allclose(out, 0.6)
+    cfg = _cfg(**{"num-hospitals": 2, "images-per-hospital": 30})
+    (a, _), (b, _) = hospital_data(cfg, 0), hospital_data(cfg, 1)
+    assert abs(a.images.mean() - b.images.mean()) > 1e-3
+
+
+def test_the_heldout_set_represents_every_hospital_and_never_overlaps_a_hospital():
+    cfg = _cfg(**{"num-hospitals": 3, "images-per-hospital": 40, "heldout-images": 60})
+    heldout = heldout_set(cfg)
+    assert len(heldout) == 60 and np.bincount(heldout.source).tolist() == [20, 20, 20]
+    assert not np.isnan(heldout.boxes[heldout.labels[:, 0] == 1]).any()
+    clients = {img.tobytes() for h in range(3) for part in hospital_data(cfg, h) for img in part.images}
+    assert not any(img.tobytes() in clients for img in heldout.images)
+
+
+def test_too_many_hospitals_for_the_images_is_a_clear_error():
+    cfg = _cfg(**{"num-hospitals": 50, "images-per-hospital": 10})
+    cfg = dataclasses.replace(cfg, images_per_hospital=10)
+    with pytest.raises(ConfigError, match="'num-hospitals' = 50"):
+        assign_hospitals(np.zeros((100, 1), np.uint8), cfg)
+
+
+def test_an_unsatisfiable_label_skew_is_a_clear_error():
+    cfg = _cfg(**{"num-hospitals": 10, "images-per-hospital": 10, "partition": "dirichlet", "dirichlet-alpha": 0.01})
+    with pytest.raises(ConfigError, match="dirichlet-alpha"):
+        assign_hospitals(pool_labels(cfg), cfg)

@@ -1,0 +1,106 @@
+"""The strategy validates each reply: a broken, failed or missing one is recorded by site and left out, never fatal."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from flwr.app import ArrayRecord, ConfigRecord, Error, Message, MessageType, MetricRecord, RecordDict
+
+from common import wire
+from common.config import parse_run_config
+from common.metrics import auc_from_histograms, statistics
+from server.strategy import HospitalFedAvg
+
+SHAPES = [(3, 2), (2,)]
+pytestmark = pytest.mark.usefixtures("task_identity")
+
+
+def _request(node_id: int, kind: str) -> Message:
+    return Message(content=RecordDict(), dst_node_id=node_id, message_type=kind)
+
+
+def _train_reply(node_id: int, site: str, value: float, n: int) -> Message:
+    weights = [np.full(s, value, np.float32) for s in SHAPES]
+    return Message(wire.pack_train_reply(site, weights, n, 0.5), reply_to=_request(node_id, MessageType.TRAIN))
+
+
+def _strategy(**settings) -> HospitalFedAvg:
+    cfg = parse_run_config({"num-hospitals": 4, "min-hospitals": 2, "histogram-bins": 50, **settings})
+    strategy = HospitalFedAvg(cfg, SHAPES)
+    strategy.sent = {"train": [1, 2, 3, 4], "evaluate": [1, 2, 3]}
+    return strategy
+
+
+def test_weights_are_averaged_by_image_count_and_bad_replies_are_recorded_by_site():
+    strategy = _strategy()
+    strategy.sites[3] = "hospital-c"  # learnt from an earlier round
+    broken = RecordDict({wire.ARRAYS: ArrayRecord([np.ones((9,), np.float32)]), **{k: v for k, v in wire.pack_train_reply("hospital-c", [np.ones(s, np.float32) for s in SHAPES], 5, 0.1).items() if k != wire.ARRAYS}})
+    replies = [
+        _train_reply(1, "hospital-a", 1.0, 100),
+        _train_reply(2, "hospital-b", 4.0, 300),
+        Message(broken, reply_to=_request(3, MessageType.TRAIN)),
+    ]  # node 4 never replies
+    arrays, metrics = strategy.aggregate_train(1, replies)
+    assert np.allclose(arrays.to_numpy_ndarrays()[0], (1.0 * 100 + 4.0 * 300) / 400)
+    assert metrics[wire.NUM_EXAMPLES] == 400
+    assert strategy.record.trained == ["hospital-a", "hospital-b"]
+    failures = strategy.record.failures
+    assert len(failures) == 2
+    assert failures[0].startswith("hospital-c (train): invalid reply: weights have shapes [(9,)]")
+    assert failures[1].startswith("node 4 (train): no reply within round-timeout")
+
+
+def test_client_errors_and_non_finite_weights_are_left_out_and_below_min_hospitals_the_model_is_kept():
+    strategy = _strategy()
+    nan_reply = _train_reply(2, "hospital-b", float("nan"), 10)
+    error_reply = Message(Error(code=0, reason="out of memory"), reply_to=_request(3, MessageType.TRAIN))
+    arrays, _ = strategy.aggregate_train(1, [_train_reply(1, "hospital-a", 1.0, 10), nan_reply, error_reply])
+    assert arrays is None  # one valid reply < min-hospitals 2: keep the global model
+    reasons = " | ".join(strategy.record.failures)
+    assert "non-finite" in reasons and "client error: out of memory" in reasons
+
+
+def _evaluate_reply(node_id: int, site: str, logits, labels) -> Message:
+    counts, pos, neg = statistics(logits, labels, 0.5, 50)
+    return Message(wire.pack_evaluate_reply(site, len(labels), counts, pos, neg), reply_to=_request(node_id, MessageType.EVALUATE))
+
+
+def test_evaluate_replies_are_pooled_by_summing_histograms_not_by_averaging_aucs():
+    rng = np.random.default_rng(0)
+    sites = []
+    for n, prevalence in ((30, 0.2), (400, 0.5), (90, 0.8)):
+        labels = (rng.random(n) < prevalence).astype(np.uint8)[:, None]
+        sites.append((rng.normal(0, 1, (n, 1)).astype(np.float32) + 1.5 * labels, labels))
+    strategy = _strategy()
+    metrics = strategy.aggregate_evaluate(1, [_evaluate_reply(i + 1, f"s{i}", z, y) for i, (z, y) in enumerate(sites)])
+    _, pos, neg = statistics(np.concatenate([z for z, _ in sites]), np.concatenate([y for _, y in sites]), 0.5, 50)
+    assert metrics["auc"] == pytest.approx(auc_from_histograms(pos[0], neg[0]))
+    assert strategy.record.n_val == 520 and strategy.record.evaluated == ["s0", "s1", "s2"]
+
+
+@pytest.mark.parametrize(
+    "tamper, reason",
+    [
+        (lambda m: m.__setitem__(wire.CONFUSION, [1, 2, 3]), "confusion: expected 4 non-negative integers"),
+        (lambda m: m.__setitem__(wire.HIST_POS, [-1] * 50), "hist-pos: expected 50 non-negative integers"),
+        (lambda m: m.__setitem__(wire.NUM_EXAMPLES, 999), "disagree with the histograms"),
+        (lambda m: m.__setitem__("patient-scores", [0.1, 0.9]), "metrics keys"),
+    ],
+)
+def test_inconsistent_evaluate_replies_are_rejected_with_the_reason(tamper, reason):
+    labels = np.array([[0], [1], [1]], np.uint8)
+    reply = _evaluate_reply(1, "s", np.array([[0.1], [2.0], [-1.0]], np.float32), labels)
+    tamper(reply.content[wire.METRICS])
+    with pytest.raises(wire.ReplyError, match=reason):
+        wire.parse_evaluate_reply(reply.content, 1, 50)
+
+
+def test_a_reply_without_a_site_name_is_rejected():
+    content = wire.pack_train_reply("x", [np.ones(s, np.float32) for s in SHAPES], 3, 0.2)
+    del content[wire.SITE]
+    content[wire.SITE] = ConfigRecord({"other": "x"})
+    with pytest.raises(wire.ReplyError, match="no site name"):
+        wire.parse_train_reply(content, SHAPES)
+    content = RecordDict({wire.METRICS: MetricRecord({wire.NUM_EXAMPLES: 0, wire.TRAIN_LOSS: 0.1}), wire.SITE: ConfigRecord({wire.SITE_NAME: "x"})})
+    with pytest.raises(wire.ReplyError, match="expected a positive number of images"):
+        wire.parse_train_reply(content, SHAPES)
