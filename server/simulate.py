@@ -13,6 +13,7 @@ import contextlib
 import json
 import os
 import shlex
+import shutil
 import socket
 import subprocess
 import sys
@@ -26,6 +27,7 @@ from typing import Any
 import psutil
 
 from common.config import ConfigError, RunConfig, config_to_dict, describe_settings, parse_run_config
+from common.data import DataError
 from common.partition import assign_hospitals, pool_labels
 
 PROJECT = Path(__file__).resolve().parent.parent
@@ -187,11 +189,13 @@ def simulate(cfg: RunConfig) -> Path:
             command += ["--run-config", str(settings), "--federation-config", federation_config(cfg)]
             subprocess.run(command, env=env, cwd=PROJECT, check=False)
             status, details = run_outcome(bin_dir / "flwr", env)
-            if status != "finished:completed":
-                log = (flwr_home / "superlink.log").read_text()[-3000:]
-                raise RunFailed(f"run ended as {status!r}: {details or 'no details'}\n--- end of the SuperLink log ---\n{log}")
         finally:
             stop(superlink, flwr_home)
+            if folder.is_dir():
+                shutil.copy(flwr_home / "superlink.log", folder / "superlink.log")
+    if status != "finished:completed":
+        where = f"the SuperLink's log is in {folder / 'superlink.log'}" if folder.is_dir() else "no run folder was made"
+        raise RunFailed(f"run ended as {status!r}: {details or 'no details'} ({where})")
     if not (folder / "history.csv").is_file():
         raise RunFailed(f"the run completed but wrote no {folder / 'history.csv'}")
     return folder
@@ -210,7 +214,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = prepare(parse_overrides(args.run_config))
         folder = simulate(cfg)
-    except ConfigError as exc:
+    except (ConfigError, DataError) as exc:
         print(f"fedimaging: error: {exc}", file=sys.stderr)
         return 2
     except RunFailed as exc:

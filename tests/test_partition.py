@@ -84,3 +84,27 @@ def test_an_unsatisfiable_label_skew_is_a_clear_error():
     cfg = _cfg(**{"num-hospitals": 10, "images-per-hospital": 10, "partition": "dirichlet", "dirichlet-alpha": 0.01})
     with pytest.raises(ConfigError, match="dirichlet-alpha"):
         assign_hospitals(pool_labels(cfg), cfg)
+
+
+def test_an_npz_data_set_is_shared_out_resized_and_its_test_split_is_held_out(tmp_path):
+    rng = np.random.default_rng(0)
+    arrays = {}
+    for split, n in (("train", 60), ("val", 20), ("test", 25)):
+        arrays[f"{split}_images"] = rng.integers(0, 256, (n, 28, 28), dtype=np.uint8)
+        arrays[f"{split}_labels"] = (np.arange(n) % 3 == 0).astype(np.uint8).reshape(-1, 1)
+    np.savez(tmp_path / "set.npz", **arrays)
+    cfg = parse_run_config({"data": str(tmp_path / "set.npz"), "image-size": 32, "num-hospitals": 2, "labels": "pneumonia"})
+    parts = [hospital_data(cfg, h) for h in range(2)]
+    assert sum(len(t) + len(v) for t, v in parts) == 80
+    train, _ = parts[0]
+    assert train.images.shape[1:] == (32, 32, 1) and 0.0 <= train.images.min() and train.images.max() <= 1.0
+    heldout = heldout_set(cfg)
+    assert len(heldout) == 25 and heldout.labels[:, 0].tolist() == arrays["test_labels"][:, 0].tolist()
+    assert (heldout.source == -1).all() and np.isnan(heldout.boxes).all()
+
+
+def test_an_npz_without_the_expected_arrays_says_which_are_missing(tmp_path):
+    np.savez(tmp_path / "bad.npz", images=np.zeros((4, 8, 8)))
+    cfg = parse_run_config({"data": str(tmp_path / "bad.npz")})
+    with pytest.raises(ValueError, match="expected arrays 'train_images' and 'train_labels', found \\['images'\\]"):
+        pool_labels(cfg)

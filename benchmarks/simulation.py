@@ -1,0 +1,85 @@
+"""Wall time, peak memory and final figures of whole simulations, run as a user runs them.
+
+    .venv/bin/python benchmarks/simulation.py                 # the default run and a PneumoniaMNIST run
+    .venv/bin/python benchmarks/simulation.py --only default
+
+Each scenario runs `python -m server.simulate` in a subprocess while this script samples the summed resident memory
+of its whole process tree (SuperLink, ServerApp, Ray workers) every 0.5 s. Prints a table and writes
+benchmarks/results/simulation.csv.
+"""
+
+from __future__ import annotations
+
+import argparse
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+import psutil
+
+PROJECT = Path(__file__).resolve().parent.parent
+RESULTS = PROJECT / "benchmarks" / "results"
+PNEUMONIAMNIST = PROJECT.parent / "shared" / "data" / "pneumoniamnist.npz"
+SCENARIOS = {
+    "default": "",
+    "pneumoniamnist-dirichlet": (
+        f"data='{PNEUMONIAMNIST}' labels=pneumonia image-size=28 num-hospitals=5 partition=dirichlet dirichlet-alpha=0.5"
+    ),
+}
+
+
+def tree_rss(root: psutil.Process) -> int:
+    """Resident bytes of a process and all its descendants."""
+    total = 0
+    for p in [root, *root.children(recursive=True)]:
+        try:
+            total += p.memory_info().rss
+        except psutil.Error:
+            pass
+    return total
+
+
+def run(name: str, settings: str) -> dict:
+    """Run one scenario to its end; its wall time, peak memory and last history row."""
+    run_name = f"bench-{name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    command = [sys.executable, "-m", "server.simulate", "-c", f"run-name='{run_name}' {settings}"]
+    start, peak = time.time(), 0
+    process = psutil.Popen(command, cwd=PROJECT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    while process.poll() is None:
+        peak = max(peak, tree_rss(process))
+        time.sleep(0.5)
+    wall = time.time() - start
+    if process.returncode != 0:
+        raise RuntimeError(f"{name}: the simulation failed:\n{process.stderr.read()[-2000:]}")
+    history = pd.read_csv(PROJECT / "runs" / run_name / "history.csv")
+    last, best = history.iloc[-1], history.loc[history["best"] == True].iloc[-1]  # noqa: E712
+    return {
+        "scenario": name, "wall_s": round(wall, 1), "peak_rss_gib": round(peak / 2**30, 2), "rounds": int(last["round"]),
+        "final_pooled_auc": last["global_auc"], "final_heldout_auc": last["heldout_auc"],
+        "final_heldout_sens": last["heldout_sensitivity"], "final_heldout_spec": last["heldout_specificity"],
+        "best_round": int(best["round"]), "best_pooled_auc": best["global_auc"], "run_folder": f"runs/{run_name}",
+    }  # fmt: skip
+
+
+def main() -> None:
+    """Run the chosen scenarios, print the table, write the CSV."""
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--only", choices=sorted(SCENARIOS), action="append")
+    names = parser.parse_args().only or list(SCENARIOS)
+    rows = []
+    for name in names:
+        if name.startswith("pneumoniamnist") and not PNEUMONIAMNIST.is_file():
+            print(f"skipping {name}: {PNEUMONIAMNIST} not found", file=sys.stderr)
+            continue
+        print(f"running {name} ...", flush=True)
+        rows.append(run(name, SCENARIOS[name]))
+    table = pd.DataFrame(rows)
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    table.to_csv(RESULTS / "simulation.csv", index=False, float_format="%.4f")
+    print(table.drop(columns="run_folder").to_string(index=False, float_format=lambda v: f"{v:.3f}"))
+
+
+if __name__ == "__main__":
+    main()
