@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import functools
-import logging
+from pathlib import Path
 
 import keras
 import numpy as np
@@ -13,12 +13,12 @@ from flwr.clientapp import ClientApp
 from common import wire
 from common.config import RunConfig, parse_run_config
 from common.data import ImageSet
-from common.metrics import statistics
+from common.metrics import figures, statistics
+from common.site_report import append_site_report
 from common.model import build_model, reset_optimizer
 from common.partition import hospital_data
 from common.runtime import configure_tensorflow
 
-log = logging.getLogger(__name__)
 app = ClientApp()
 
 
@@ -63,14 +63,22 @@ def train(msg: Message, context: Context) -> Message:
         train_set.images, train_set.labels.astype(np.float32), epochs=cfg.local_epochs, batch_size=cfg.batch_size, shuffle=True, verbose=0
     )
     loss = float(history.history["loss"][-1])
-    content = wire.pack_train_reply(site, model.get_weights(), len(train_set), loss)
+    content = wire.pack_train_reply(site, cfg.labels, model.get_weights(), len(train_set), loss)
     return Message(content=content, reply_to=msg)
 
 
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
-    """Score this hospital's validation images with the global model; send counts and histograms only."""
+    """Score this hospital's validation images with the global model; send counts and histograms only.
+
+    The hospital keeps its own report of how the global model does on its patients, round by round.
+    """
     cfg, site, _, val, model = _setup(msg, context)
     logits = model.predict(val.images, batch_size=256, verbose=0)  # (n, n_labels)
     counts, pos, neg = statistics(logits, val.labels, cfg.threshold, cfg.histogram_bins)
-    return Message(content=wire.pack_evaluate_reply(site, len(val), counts, pos, neg), reply_to=msg)
+    config = msg.content.config_records.get("config", {})
+    if wire.RUN_FOLDER in config:
+        append_site_report(Path(config[wire.RUN_FOLDER]) / "hospitals" / site, int(config["server-round"]), len(val), figures(counts, pos, neg, cfg.labels))
+    if len(val) < cfg.min_histogram_images:  # too few patients: fine bins would come close to listing their scores
+        pos = neg = None
+    return Message(content=wire.pack_evaluate_reply(site, cfg.labels, len(val), counts, pos, neg), reply_to=msg)

@@ -57,6 +57,8 @@ class RunConfig:
     scanner_spread: float = _setting(1.0, lambda v: 0 <= v <= 2, "a number in [0, 2]", "how much hospitals' scanners differ (0: identical)")
     val_fraction: float = _setting(0.2, lambda v: 0 < v < 1, "a number in (0, 1)", "share of a hospital's images kept for validation")
     threshold: float = _setting(0.5, lambda v: 0 < v < 1, "a probability in (0, 1)", "decision threshold for sensitivity and specificity")
+    target_sensitivity: float = _setting(0.8, lambda v: 0 < v < 1, "a number in (0, 1)", "sensitivity the operating point must reach, chosen on pooled validation")
+    min_histogram_images: int = _setting(20, lambda v: v >= 0, "an integer >= 0", "a site with fewer validation images sends counts but no histograms")
     histogram_bins: int = _setting(400, lambda v: 10 <= v <= 10_000, "an integer in [10, 10000]", "score-histogram bins")
     seed: int = _setting(42, lambda v: v >= 0, "an integer >= 0", "seed for data, splits and initial weights")
     threads_per_client: int = _setting(1, _positive, "an integer >= 1", "TensorFlow threads per client process")

@@ -18,7 +18,7 @@ class ImageSet:
 
     images: np.ndarray  # (n, h, w, c) float32 in [0, 1]
     labels: np.ndarray  # (n, n_labels) uint8, 0/1
-    boxes: np.ndarray  # (n, 4) float32 (y0, x0, y1, x1) in pixels; NaN where no box is known
+    boxes: np.ndarray  # (n, n_labels, 4) float32 (y0, x0, y1, x1) in pixels; NaN where no box is known
     source: np.ndarray  # (n,) int16 hospital index the image represents; -1 where unknown
 
     def __post_init__(self) -> None:
@@ -26,7 +26,7 @@ class ImageSet:
         n = len(self.images)
         if self.images.ndim != 4:
             raise DataError(f"images must be (n, h, w, c), got shape {self.images.shape}")
-        for name, arr, ndim in (("labels", self.labels, 2), ("boxes", self.boxes, 2), ("source", self.source, 1)):
+        for name, arr, ndim in (("labels", self.labels, 2), ("boxes", self.boxes, 3), ("source", self.source, 1)):
             if arr.ndim != ndim or len(arr) != n:
                 raise DataError(f"{name} has shape {arr.shape}, expected {ndim} dimensions and {n} rows")
 

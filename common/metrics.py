@@ -39,9 +39,11 @@ def score_histograms(logits: np.ndarray, labels: np.ndarray, n_bins: int) -> tup
     return pos, neg
 
 
-def confusion_counts(logits: np.ndarray, labels: np.ndarray, threshold: float) -> np.ndarray:
-    """Counts (n_labels, 4) int64 in TP, FP, TN, FN order, calling positive where probability >= threshold."""
-    predicted = logits >= logit(threshold)  # (n, n_labels)
+def confusion_counts(logits: np.ndarray, labels: np.ndarray, threshold: float | np.ndarray) -> np.ndarray:
+    """Counts (n_labels, 4) int64 in TP, FP, TN, FN order, calling positive where probability >= threshold (per label)."""
+    with np.errstate(divide="ignore"):
+        cut = np.log(np.asarray(threshold, np.float64)) - np.log1p(-np.asarray(threshold, np.float64))  # logit; -inf at 0
+    predicted = logits >= cut  # (n, n_labels)
     actual = labels == 1
     return np.stack(
         [(predicted & actual).sum(0), (predicted & ~actual).sum(0), (~predicted & ~actual).sum(0), (~predicted & actual).sum(0)],
@@ -68,6 +70,22 @@ def auc_from_histograms(pos: np.ndarray, neg: np.ndarray) -> float:
     return float((pos * (neg_below + 0.5 * neg)).sum() / (n_pos * n_neg))
 
 
+def roc_from_histograms(pos: np.ndarray, neg: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """ROC points (false-positive rate, true-positive rate) at every bin edge, from (1, 1) down to (0, 0)."""
+    tpr = np.concatenate([[pos.sum()], pos[::-1].cumsum()[::-1][1:], [0]]) / max(pos.sum(), 1)
+    fpr = np.concatenate([[neg.sum()], neg[::-1].cumsum()[::-1][1:], [0]]) / max(neg.sum(), 1)
+    return fpr, tpr
+
+
+def edge_for_sensitivity(pos: np.ndarray, target: float) -> int | None:
+    """The highest bin edge whose sensitivity reaches the target (-1: only calling everyone positive does); None without positives."""
+    if pos.sum() == 0:
+        return None
+    sens = pos[::-1].cumsum()[::-1][1:] / pos.sum()  # sensitivity at each inner edge, falling
+    reaching = np.flatnonzero(sens >= target - 1e-12)
+    return int(reaching[-1]) if len(reaching) else -1
+
+
 def rates_at_edge(pos: np.ndarray, neg: np.ndarray, edge: int) -> tuple[float, float]:
     """(sensitivity, specificity) when calling positive at logits >= bin_edges[edge]; exact from the histograms."""
     return _ratio(pos[edge + 1 :].sum(), pos.sum()), _ratio(neg[: edge + 1].sum(), neg.sum())
@@ -83,14 +101,91 @@ def specificity(counts: np.ndarray) -> float:
     return _ratio(counts[TN], counts[TN] + counts[FP])
 
 
-def summary(counts: np.ndarray, pos: np.ndarray, neg: np.ndarray) -> dict[str, float]:
-    """AUC, sensitivity and specificity, macro-averaged over labels (the mean of the defined ones)."""
-    per_label = {
-        "auc": [auc_from_histograms(pos[j], neg[j]) for j in range(len(counts))],
-        "sensitivity": [sensitivity(c) for c in counts],
-        "specificity": [specificity(c) for c in counts],
-    }
-    return {name: _nanmean(values) for name, values in per_label.items()}
+def clinical_figures(counts: np.ndarray) -> dict[str, float]:
+    """Sensitivity, specificity, PPV, NPV, F1 and accuracy of one label's counts (4,); NaN where undefined."""
+    tp, fp, tn, fn = (float(v) for v in counts)
+    return {
+        "sensitivity": _ratio(tp, tp + fn), "specificity": _ratio(tn, tn + fp), "ppv": _ratio(tp, tp + fp),
+        "npv": _ratio(tn, tn + fn), "f1": _ratio(2 * tp, 2 * tp + fp + fn), "accuracy": _ratio(tp + tn, tp + fp + tn + fn),
+    }  # fmt: skip
+
+
+def delong_ci(scores: np.ndarray, labels: np.ndarray, level: float = 0.95) -> tuple[float, float, float]:
+    """AUC with DeLong's confidence interval (scores and 0/1 labels of one label, shape (n,)); NaNs without both classes."""
+    from scipy.stats import norm, rankdata
+
+    pos, neg = scores[labels == 1], scores[labels == 0]
+    m, n = len(pos), len(neg)
+    if m < 2 or n < 2:
+        return float("nan"), float("nan"), float("nan")
+    # Structural components via mid-ranks (Sun and Xu, 2014): O(n log n), ties counted as half.
+    all_ranks = rankdata(np.concatenate([pos, neg]))
+    v10 = (all_ranks[:m] - rankdata(pos)) / n  # (m,) share of negatives below each positive
+    v01 = 1.0 - (all_ranks[m:] - rankdata(neg)) / m  # (n,) share of positives above each negative
+    auc = float(v10.mean())
+    se = math.sqrt(np.var(v10, ddof=1) / m + np.var(v01, ddof=1) / n)
+    z = norm.ppf(0.5 + level / 2)
+    return auc, max(0.0, auc - z * se), min(1.0, auc + z * se)
+
+
+def brier_score(probabilities: np.ndarray, labels: np.ndarray) -> float:
+    """Mean squared difference between predicted probability and outcome (0 is perfect; 0.25 is a coin)."""
+    return float(np.mean((probabilities - labels) ** 2)) if len(labels) else float("nan")
+
+
+def reliability(probabilities: np.ndarray, labels: np.ndarray, n_bins: int = 10) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per probability decile: mean predicted probability, observed share of positives, and image count."""
+    which = np.minimum((probabilities * n_bins).astype(int), n_bins - 1)
+    counts = np.bincount(which, minlength=n_bins)
+    with np.errstate(invalid="ignore"):
+        predicted = np.bincount(which, probabilities, n_bins) / counts
+        observed = np.bincount(which, labels.astype(float), n_bins) / counts
+    return predicted, observed, counts
+
+
+def per_label(name: str, values: list[float], labels: tuple[str, ...]) -> dict[str, float]:
+    """A figure's macro average (over labels where defined) under its name and, with several labels, each under '<name>__<label>'."""
+    out = {name: _nanmean(values)}
+    if len(labels) > 1:
+        out |= {f"{name}__{label}": float(v) for label, v in zip(labels, values)}
+    return out
+
+
+def figures(counts: np.ndarray, pos: np.ndarray | None, neg: np.ndarray | None, labels: tuple[str, ...]) -> dict[str, float]:
+    """AUC, sensitivity and specificity, macro-averaged over labels and per label when several (see per_label).
+
+    Without histograms (a site below min-histogram-images) the AUC is NaN: undefined, not 0 or 0.5.
+    """
+    aucs = [auc_from_histograms(pos[j], neg[j]) if pos is not None else float("nan") for j in range(len(labels))]
+    return (
+        per_label("auc", aucs, labels)
+        | per_label("sensitivity", [sensitivity(c) for c in counts], labels)
+        | per_label("specificity", [specificity(c) for c in counts], labels)
+    )
+
+
+def operating_point(pos: np.ndarray, neg: np.ndarray, target: float, labels: tuple[str, ...]) -> tuple[np.ndarray, dict[str, float]]:
+    """Per label, the threshold reaching the target sensitivity on pooled histograms, and the specificity there.
+
+    Returns the thresholds (n_labels,) as probabilities (NaN where a label has no positives) and the figures
+    'threshold_at_target_sensitivity' and 'specificity_at_target_sensitivity', per label as '__<label>' when several
+    (the unsuffixed specificity is then the macro average).
+    """
+    edges = bin_edges(pos.shape[1])
+    thresholds, specs = [], []
+    for j in range(len(labels)):
+        edge = edge_for_sensitivity(pos[j], target)
+        if edge is None:
+            thresholds.append(float("nan"))
+            specs.append(float("nan"))
+            continue
+        thresholds.append(0.0 if edge < 0 else float(1.0 / (1.0 + np.exp(-edges[edge]))))
+        specs.append(rates_at_edge(pos[j], neg[j], edge)[1])
+    # A threshold is per label: with several labels its unsuffixed column stays empty rather than averaging thresholds.
+    out = per_label("threshold_at_target_sensitivity", thresholds, labels) | per_label("specificity_at_target_sensitivity", specs, labels)
+    if len(labels) > 1:
+        out["threshold_at_target_sensitivity"] = float("nan")
+    return np.array(thresholds), out
 
 
 def _nanmean(values: list[float]) -> float:

@@ -67,21 +67,29 @@ def assign_hospitals(labels: np.ndarray, cfg: RunConfig) -> np.ndarray:
     )
 
 
+def check_builtin_labels(cfg: RunConfig) -> None:
+    """The built-in data knows one finding or the three of its multi-label mode; anything else is a ConfigError."""
+    if cfg.labels not in (synthetic.SINGLE, synthetic.MULTI):
+        raise ConfigError(
+            f"run setting 'labels' = {','.join(cfg.labels)!r}: the built-in data has {','.join(synthetic.SINGLE)!r} "
+            f"or the three findings {','.join(synthetic.MULTI)!r}"
+        )
+
+
 def pool_labels(cfg: RunConfig) -> np.ndarray:
     """Labels (n, n_labels) of the training pool that the hospitals share out."""
     if cfg.data_path is None:
-        if len(cfg.labels) != 1:
-            raise ConfigError(f"run setting 'labels' = {','.join(cfg.labels)!r}: the built-in data has one label")
-        return synthetic.sample_labels(cfg.seed, cfg.num_hospitals * cfg.images_per_hospital, cfg.prevalence)
+        check_builtin_labels(cfg)
+        return synthetic.sample_labels(cfg.seed, cfg.num_hospitals * cfg.images_per_hospital, cfg.prevalence, len(cfg.labels))
     return np.concatenate([load_npz_split(cfg.data_path, split, len(cfg.labels))[1] for split in ("train", "val")])
 
 
 def _pool_images(cfg: RunConfig, rows: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Images (n, s, s, c) and boxes (n, 4) of the given pool rows, made or read only for those rows."""
+    """Images (n, s, s, c) and boxes (n, n_labels, 4) of the given pool rows, made or read only for those rows."""
     if cfg.data_path is None:
-        return synthetic.make_images(cfg.seed, rows, labels[rows], cfg.image_size)
+        return synthetic.make_images(cfg.seed, rows, labels[rows], cfg.image_size, cfg.labels)
     images = np.concatenate([load_npz_split(cfg.data_path, split, len(cfg.labels))[0] for split in ("train", "val")])
-    return to_model_input(images[rows], cfg.image_size), np.full((len(rows), 4), np.nan, np.float32)
+    return to_model_input(images[rows], cfg.image_size), np.full((len(rows), len(cfg.labels), 4), np.nan, np.float32)
 
 
 def hospital_data(cfg: RunConfig, hospital: int) -> tuple[ImageSet, ImageSet]:
@@ -102,10 +110,12 @@ def heldout_set(cfg: RunConfig) -> ImageSet:
     if cfg.data_path is not None:
         images, labels = load_npz_split(cfg.data_path, "test", len(cfg.labels))
         n = len(images)
-        return ImageSet(to_model_input(images, cfg.image_size), labels, np.full((n, 4), np.nan, np.float32), np.full(n, -1, np.int16))
+        boxes = np.full((n, len(cfg.labels), 4), np.nan, np.float32)
+        return ImageSet(to_model_input(images, cfg.image_size), labels, boxes, np.full(n, -1, np.int16))
+    check_builtin_labels(cfg)
     seed = cfg.seed + HELDOUT_SEED_OFFSET
-    labels = synthetic.sample_labels(seed, cfg.heldout_images, cfg.prevalence)
-    images, boxes = synthetic.make_images(seed, np.arange(cfg.heldout_images), labels, cfg.image_size)
+    labels = synthetic.sample_labels(seed, cfg.heldout_images, cfg.prevalence, len(cfg.labels))
+    images, boxes = synthetic.make_images(seed, np.arange(cfg.heldout_images), labels, cfg.image_size, cfg.labels)
     source = (np.arange(cfg.heldout_images) % cfg.num_hospitals).astype(np.int16)
     for hospital in range(cfg.num_hospitals):
         rows = source == hospital

@@ -1,5 +1,7 @@
 """The built-in data set: chest-like grayscale images, a positive one carrying a lesion inside a lung field.
 
+Two modes: one finding ("lesion"), or three ("nodule", "basal_opacity", "cardiomegaly"), each with its box.
+
 Difficulty is pinned here so nobody can tune it away (see README, "Built-in data"):
 a lesion's peak contrast is 2.5 to 6 times the noise's standard deviation, its radius 2 to 5 pixels at 64x64
 (scaled with the image size), and its centre lies at a random place inside a lung field with the whole lesion in it.
@@ -19,10 +21,10 @@ LUNG = 0.28  # the darker, air-filled lung fields
 MEDIASTINUM = 0.70  # spine and heart shadow between the lungs
 
 
-def sample_labels(seed: int, n: int, prevalence: float) -> np.ndarray:
-    """The labels of images 0..n-1 of the data set `seed`, shape (n, 1), uint8."""
+def sample_labels(seed: int, n: int, prevalence: float, n_findings: int = 1) -> np.ndarray:
+    """The labels of images 0..n-1 of the data set `seed`, shape (n, n_findings) uint8, each finding independent."""
     rng = np.random.default_rng([seed, 0x1ABE1])
-    return (rng.random(n) < prevalence).astype(np.uint8)[:, None]
+    return (rng.random((n, n_findings)) < prevalence).astype(np.uint8)
 
 
 def lung_ellipses(rng: np.random.Generator, size: int) -> list[tuple[float, float, float, float]]:
@@ -70,29 +72,75 @@ def lesion_centre_and_radius(rng: np.random.Generator, size: int, lungs: list) -
     return cy + r * (ay - radius) * np.sin(theta), cx + r * (ax - radius) * np.cos(theta), radius
 
 
-def make_image(seed: int, index: int, label: int, size: int = 64) -> tuple[np.ndarray, np.ndarray]:
-    """Image `index` of data set `seed`: (size, size) float32 in [0, 1] and its lesion box (y0, x0, y1, x1), NaN if none."""
+def _paint_nodule(img: np.ndarray, rng: np.random.Generator, lungs: list) -> np.ndarray:
+    """Add a nodule-like lesion inside a lung field at the pinned difficulty; returns its box."""
+    size = img.shape[0]
+    cy, cx, radius = lesion_centre_and_radius(rng, size, lungs)
+    peak = rng.uniform(*LESION_CONTRAST) * NOISE_STD
+    yy, xx = np.mgrid[0:size, 0:size].astype(np.float32) + 0.5
+    # Full peak contrast across the disc, a one-pixel soft edge at the radius.
+    img += peak * np.clip(radius + 0.5 - np.sqrt((yy - cy) ** 2 + (xx - cx) ** 2), 0.0, 1.0)
+    return np.array([cy - radius, cx - radius, cy + radius, cx + radius], np.float32)
+
+
+def _paint_basal_opacity(img: np.ndarray, rng: np.random.Generator, lungs: list) -> np.ndarray:
+    """Add a hazy opacity filling the base (lowest quarter to two fifths) of one lung field; returns its box."""
+    size = img.shape[0]
+    cy, cx, ay, ax = lungs[rng.integers(2)]
+    top = cy + ay * (1 - 2 * rng.uniform(0.25, 0.4))
+    peak = rng.uniform(*LESION_CONTRAST) * NOISE_STD
+    yy, xx = np.mgrid[0:size, 0:size].astype(np.float32) + 0.5
+    region = _inside(yy, xx, (cy, cx, ay, ax)) & (yy >= top)
+    img += np.where(region, peak * np.clip((yy - top) / 2.0, 0.0, 1.0), 0.0).astype(np.float32)
+    return np.array([top, cx - ax, cy + ay, cx + ax], np.float32)
+
+
+def _heart(rng: np.random.Generator, size: int, enlarged: bool) -> tuple[float, float, float, float]:
+    """The heart shadow's ellipse, widened by 25 to 50 % when enlarged (cardiomegaly)."""
+    s = size / 64.0
+    ay, ax = (8 + rng.uniform(-0.5, 0.5)) * s, (7 + rng.uniform(-0.5, 0.5)) * s
+    widening = rng.uniform(1.25, 1.5)  # drawn either way, so that the other findings do not move with this label
+    return (size * 0.66, size * 0.5 + 2 * s, ay, ax * widening if enlarged else ax)
+
+
+FINDINGS = {"lesion": _paint_nodule, "nodule": _paint_nodule, "basal_opacity": _paint_basal_opacity, "cardiomegaly": None}
+SINGLE = ("lesion",)
+MULTI = ("nodule", "basal_opacity", "cardiomegaly")  # the 3-finding mode
+
+
+def make_image(seed: int, index: int, labels: tuple[int, ...], size: int = 64, findings: tuple[str, ...] = SINGLE) -> tuple[np.ndarray, np.ndarray]:
+    """Image `index` of data set `seed`: (size, size) float32 in [0, 1] and a box (y0, x0, y1, x1) per finding, NaN if absent."""
+    if findings not in (SINGLE, MULTI):
+        raise ValueError(f"the built-in data has the findings {SINGLE} or {MULTI}, not {findings}")
     rng = np.random.default_rng([seed, index])
     img, _, lungs = _anatomy(rng, size)
-    box = np.full(4, np.nan, np.float32)
-    if label:
-        cy, cx, radius = lesion_centre_and_radius(rng, size, lungs)
-        peak = rng.uniform(*LESION_CONTRAST) * NOISE_STD
+    boxes = np.full((len(findings), 4), np.nan, np.float32)
+    if "cardiomegaly" in findings:
+        j = findings.index("cardiomegaly")
+        cy, cx, ay, ax = _heart(rng, size, bool(labels[j]))
         yy, xx = np.mgrid[0:size, 0:size].astype(np.float32) + 0.5
-        d2 = (yy - cy) ** 2 + (xx - cx) ** 2
-        # A nodule-like opacity: full peak contrast across the disc, a one-pixel soft edge at the radius.
-        img += peak * np.clip(radius + 0.5 - np.sqrt(d2), 0.0, 1.0)
-        box[:] = (cy - radius, cx - radius, cy + radius, cx + radius)
-    img += rng.normal(0.0, NOISE_STD, img.shape).astype(np.float32)
-    return np.clip(img, 0.0, 1.0), box
+        img[_inside(yy, xx, (cy, cx, ay, ax))] = MEDIASTINUM
+        if labels[j]:
+            boxes[j] = (cy - ay, cx - ax, cy + ay, cx + ax)
+    for j, finding in enumerate(findings):
+        if FINDINGS[finding] is not None:
+            # Each finding draws from a stream of its own, so one finding's label never moves another's.
+            finding_rng = np.random.default_rng([seed, index, 0xF1D + j])
+            if labels[j]:
+                boxes[j] = FINDINGS[finding](img, finding_rng, lungs)
+    # Noise from a stream of its own: an image differs from its finding-free twin by the findings alone.
+    img += np.random.default_rng([seed, index, 0x4015E]).normal(0.0, NOISE_STD, img.shape).astype(np.float32)
+    return np.clip(img, 0.0, 1.0), boxes
 
 
-def make_images(seed: int, indices: np.ndarray, labels: np.ndarray, size: int = 64) -> tuple[np.ndarray, np.ndarray]:
-    """Images for the given indices and labels: (n, size, size, 1) float32 and boxes (n, 4) float32."""
+def make_images(
+    seed: int, indices: np.ndarray, labels: np.ndarray, size: int = 64, findings: tuple[str, ...] = SINGLE
+) -> tuple[np.ndarray, np.ndarray]:
+    """Images for the given indices and labels (n, n_findings): (n, size, size, 1) float32 and boxes (n, n_findings, 4)."""
     images = np.empty((len(indices), size, size, 1), np.float32)
-    boxes = np.empty((len(indices), 4), np.float32)
-    for row, (index, label) in enumerate(zip(indices, labels[:, 0] if labels.ndim == 2 else labels)):
-        images[row, :, :, 0], boxes[row] = make_image(seed, int(index), int(label), size)
+    boxes = np.empty((len(indices), len(findings), 4), np.float32)
+    for row, index in enumerate(indices):
+        images[row, :, :, 0], boxes[row] = make_image(seed, int(index), tuple(labels[row]), size, findings)
     return images, boxes
 
 

@@ -16,8 +16,10 @@ from flwr.app import ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 
 ARRAYS = "arrays"  # ArrayRecord: model weights, in the model's get_weights() order
 METRICS = "metrics"  # MetricRecord
-SITE = "site"  # ConfigRecord holding SITE_NAME
+SITE = "site"  # ConfigRecord holding SITE_NAME and SITE_LABELS
 SITE_NAME = "site-name"
+SITE_LABELS = "labels"  # the label names the site's counts are for, in order
+RUN_FOLDER = "run-folder"  # server -> client, in the ConfigRecord "config": where a simulated hospital keeps its report
 
 NUM_EXAMPLES = "num-examples"  # images, never batches: FedAvg weighs by it
 TRAIN_LOSS = "train-loss"
@@ -27,6 +29,7 @@ HIST_NEG = "hist-neg"
 
 TRAIN_METRIC_KEYS = frozenset({NUM_EXAMPLES, TRAIN_LOSS})
 EVALUATE_METRIC_KEYS = frozenset({NUM_EXAMPLES, CONFUSION, HIST_POS, HIST_NEG})
+COUNTS_ONLY_METRIC_KEYS = frozenset({NUM_EXAMPLES, CONFUSION})  # a site below min-histogram-images sends no histograms
 
 
 class ReplyError(ValueError):
@@ -50,61 +53,62 @@ class EvaluateReply:
     site: str
     num_examples: int
     counts: np.ndarray  # (n_labels, 4) int64
-    pos: np.ndarray  # (n_labels, n_bins) int64
-    neg: np.ndarray  # (n_labels, n_bins) int64
+    pos: np.ndarray | None  # (n_labels, n_bins) int64; None from a site too small to send histograms
+    neg: np.ndarray | None  # (n_labels, n_bins) int64
 
 
-def pack_train_reply(site: str, weights: list[np.ndarray], num_examples: int, train_loss: float) -> RecordDict:
+def _site_record(site: str, labels: tuple[str, ...]) -> ConfigRecord:
+    """Who is replying and for which labels."""
+    return ConfigRecord({SITE_NAME: site, SITE_LABELS: list(labels)})
+
+
+def pack_train_reply(site: str, labels: tuple[str, ...], weights: list[np.ndarray], num_examples: int, train_loss: float) -> RecordDict:
     """The content of a train reply."""
     return RecordDict(
         {
             ARRAYS: ArrayRecord(weights),
             METRICS: MetricRecord({NUM_EXAMPLES: int(num_examples), TRAIN_LOSS: float(train_loss)}),
-            SITE: ConfigRecord({SITE_NAME: site}),
+            SITE: _site_record(site, labels),
         }
     )
 
 
-def pack_evaluate_reply(site: str, num_examples: int, counts: np.ndarray, pos: np.ndarray, neg: np.ndarray) -> RecordDict:
-    """The content of an evaluate reply."""
-    return RecordDict(
-        {
-            METRICS: MetricRecord(
-                {
-                    NUM_EXAMPLES: int(num_examples),
-                    CONFUSION: [int(v) for v in counts.reshape(-1)],
-                    HIST_POS: [int(v) for v in pos.reshape(-1)],
-                    HIST_NEG: [int(v) for v in neg.reshape(-1)],
-                }
-            ),
-            SITE: ConfigRecord({SITE_NAME: site}),
-        }
-    )
+def pack_evaluate_reply(
+    site: str, labels: tuple[str, ...], num_examples: int, counts: np.ndarray, pos: np.ndarray | None, neg: np.ndarray | None
+) -> RecordDict:
+    """The content of an evaluate reply; without histograms when pos and neg are None."""
+    metrics = {NUM_EXAMPLES: int(num_examples), CONFUSION: [int(v) for v in counts.reshape(-1)]}
+    if pos is not None and neg is not None:
+        metrics |= {HIST_POS: [int(v) for v in pos.reshape(-1)], HIST_NEG: [int(v) for v in neg.reshape(-1)]}
+    return RecordDict({METRICS: MetricRecord(metrics), SITE: _site_record(site, labels)})
 
 
-def reply_site(content: RecordDict) -> str:
-    """The site name a reply carries, or raise ReplyError."""
-    if SITE not in content.config_records or not isinstance(content.config_records[SITE].get(SITE_NAME), str):
+def reply_site(content: RecordDict, labels: tuple[str, ...]) -> str:
+    """The site name a reply carries, after checking that its labels are the run's; or raise ReplyError."""
+    record = content.config_records.get(SITE)
+    if record is None or not isinstance(record.get(SITE_NAME), str):
         raise ReplyError(f"no site name (expected ConfigRecord {SITE!r} with key {SITE_NAME!r})")
-    return content.config_records[SITE][SITE_NAME]
+    if tuple(record.get(SITE_LABELS, ())) != tuple(labels):
+        raise ReplyError(f"labels {list(record.get(SITE_LABELS, []))} do not match the run's {list(labels)}")
+    return record[SITE_NAME]
 
 
-def _metrics(content: RecordDict, keys: frozenset[str]) -> MetricRecord:
-    """The reply's MetricRecord, checked to hold exactly the expected keys."""
+def _metrics(content: RecordDict, *allowed: frozenset[str]) -> MetricRecord:
+    """The reply's MetricRecord, checked to hold exactly one of the allowed key sets."""
     if set(content.metric_records) != {METRICS}:
         raise ReplyError(f"expected one MetricRecord {METRICS!r}, got {sorted(content.metric_records)}")
     metrics = content.metric_records[METRICS]
-    if set(metrics) != keys:
-        raise ReplyError(f"metrics keys {sorted(metrics)} differ from the expected {sorted(keys)}")
+    if set(metrics) not in allowed:
+        raise ReplyError(f"metrics keys {sorted(metrics)} differ from the expected {sorted(allowed[0])}")
     n = metrics[NUM_EXAMPLES]
     if not isinstance(n, int) or n <= 0:
         raise ReplyError(f"{NUM_EXAMPLES} = {n!r}: expected a positive number of images")
     return metrics
 
 
-def parse_train_reply(content: RecordDict, shapes: list[tuple[int, ...]]) -> TrainReply:
-    """Validate a train reply against the global model's weight shapes."""
-    site = reply_site(content)
+def parse_train_reply(content: RecordDict, shapes: list[tuple[int, ...]], labels: tuple[str, ...]) -> TrainReply:
+    """Validate a train reply against the global model's weight shapes and the run's labels."""
+    site = reply_site(content, labels)
     metrics = _metrics(content, TRAIN_METRIC_KEYS)
     if set(content.array_records) != {ARRAYS}:
         raise ReplyError(f"expected one ArrayRecord {ARRAYS!r}, got {sorted(content.array_records)}")
@@ -129,18 +133,22 @@ def _int_array(metrics: MetricRecord, key: str, shape: tuple[int, int]) -> np.nd
     return np.asarray(values, np.int64).reshape(shape)
 
 
-def parse_evaluate_reply(content: RecordDict, n_labels: int, n_bins: int) -> EvaluateReply:
-    """Validate an evaluate reply: shapes, non-negative counts, and counts that agree with the histograms."""
-    site = reply_site(content)
-    metrics = _metrics(content, EVALUATE_METRIC_KEYS)
+def parse_evaluate_reply(content: RecordDict, labels: tuple[str, ...], n_bins: int) -> EvaluateReply:
+    """Validate an evaluate reply: labels, shapes, non-negative counts, and counts that agree with the histograms."""
+    site = reply_site(content, labels)
+    metrics = _metrics(content, EVALUATE_METRIC_KEYS, COUNTS_ONLY_METRIC_KEYS)
     if content.array_records:
         raise ReplyError(f"an evaluate reply carries no arrays, got {sorted(content.array_records)}")
+    n_labels, n = len(labels), metrics[NUM_EXAMPLES]
     counts = _int_array(metrics, CONFUSION, (n_labels, 4))
-    pos = _int_array(metrics, HIST_POS, (n_labels, n_bins))
-    neg = _int_array(metrics, HIST_NEG, (n_labels, n_bins))
-    n = metrics[NUM_EXAMPLES]
+    pos = neg = None
+    if HIST_POS in metrics:
+        pos = _int_array(metrics, HIST_POS, (n_labels, n_bins))
+        neg = _int_array(metrics, HIST_NEG, (n_labels, n_bins))
     for j in range(n_labels):
         tp, fp, tn, fn = counts[j]
-        if pos[j].sum() != tp + fn or neg[j].sum() != fp + tn or tp + fp + tn + fn != n:
-            raise ReplyError(f"label {j}: confusion counts {counts[j].tolist()} disagree with the histograms or with {NUM_EXAMPLES} = {n}")
+        if tp + fp + tn + fn != n or (pos is not None and (pos[j].sum() != tp + fn or neg[j].sum() != fp + tn)):
+            raise ReplyError(
+                f"label {labels[j]!r}: confusion counts {counts[j].tolist()} disagree with the histograms or with {NUM_EXAMPLES} = {n}"
+            )
     return EvaluateReply(site, n, counts, pos, neg)

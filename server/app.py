@@ -4,18 +4,21 @@ from __future__ import annotations
 
 import math
 import os
+import shutil
 import time
 
 import keras
 from flwr.app import ArrayRecord, ConfigRecord, Context
 from flwr.serverapp import Grid, ServerApp
 
+from common import wire
 from common.config import RunConfig, parse_run_config
 from common.model import build_model, load_initial_weights
 from common.partition import heldout_set
 from common.runtime import configure_tensorflow
 from server.evaluation import evaluate_heldout
-from server.history import fmt, run_folder, save_model, write_history
+from server.history import fmt, run_folder, save_model, write_tables
+from server.plots import plot_round
 from server.strategy import HospitalFedAvg
 
 app = ServerApp()
@@ -43,6 +46,7 @@ def _eta(seconds: list[float], remaining: int) -> str:
 def run_federation(grid: Grid, cfg: RunConfig) -> None:
     """Round 0 (the initial model) and then train, validate and check each round until the last or an early stop."""
     folder = run_folder(cfg)
+    (folder / "plots").mkdir()
     say(f"run folder: {folder}")
     keras.utils.set_random_seed(cfg.seed)
     heldout = heldout_set(cfg)
@@ -51,27 +55,28 @@ def run_federation(grid: Grid, cfg: RunConfig) -> None:
         load_initial_weights(model, cfg.initial_weights)
     strategy = HospitalFedAvg(cfg, [tuple(w.shape) for w in model.get_weights()])
     arrays = ArrayRecord(model.get_weights())
+    config = ConfigRecord({wire.RUN_FOLDER: str(folder)})
 
     start = time.time()
-    held = evaluate_heldout(model, heldout, cfg)
-    rows = [{"round": 0, **{f"heldout_{k}": v for k, v in held.items()}, "n_sites": 0, "n_failed": 0, "seconds": time.time() - start, "best": False}]
-    write_history(folder, rows)
-    say(f"round 0/{cfg.num_server_rounds}  held-out AUC {fmt(held['auc'])} (initial model, {len(heldout)} held-out images)")
+    held = evaluate_heldout(model, heldout, cfg, thresholds=None)
+    rows = [{"round": 0, **held.row, "n_sites": 0, "n_failed": 0, "n_rejected": 0, "seconds": time.time() - start, "best": False}]
+    site_rows: list[dict] = []
+    write_tables(folder, rows, site_rows)
+    say(f"round 0/{cfg.num_server_rounds}  held-out AUC {fmt(held.row['heldout_auc'])} (initial model, {len(heldout)} held-out images)")
 
     best_auc, stale, round_seconds = -math.inf, 0, []
     for rnd in range(1, cfg.num_server_rounds + 1):
         start = time.time()
-        replies = grid.send_and_receive(strategy.configure_train(rnd, arrays, ConfigRecord(), grid), timeout=cfg.round_timeout)
+        replies = grid.send_and_receive(strategy.configure_train(rnd, arrays, config, grid), timeout=cfg.round_timeout)
         new_arrays, _ = strategy.aggregate_train(rnd, replies)
         arrays = new_arrays if new_arrays is not None else arrays
-        replies = grid.send_and_receive(strategy.configure_evaluate(rnd, arrays, ConfigRecord(), grid), timeout=cfg.round_timeout)
+        replies = grid.send_and_receive(strategy.configure_evaluate(rnd, arrays, config, grid), timeout=cfg.round_timeout)
         strategy.aggregate_evaluate(rnd, replies)
-        model.set_weights(arrays.to_numpy_ndarrays())
-        held = evaluate_heldout(model, heldout, cfg)
-
         record = strategy.record
-        pooled = {f"global_{k}": v for k, v in record.pooled.items()}
-        auc = record.pooled.get("auc", math.nan)
+        model.set_weights(arrays.to_numpy_ndarrays())
+        held = evaluate_heldout(model, heldout, cfg, record.thresholds)
+
+        auc = record.row.get("global_auc", math.nan)
         best = not math.isnan(auc) and auc > best_auc
         if best:
             best_auc, stale = auc, 0
@@ -79,23 +84,34 @@ def run_federation(grid: Grid, cfg: RunConfig) -> None:
         else:
             stale += 1
         save_model(model, folder / "model_last.keras")
+        plot_round(
+            folder / "plots" / f"round_{rnd:03d}.png", f"Round {rnd}: global model", cfg.labels,
+            (record.pos, record.neg) if record.pos is not None else None, (held.logits, heldout.labels),
+            held.counts_at_threshold, record.thresholds, record.sites, cfg.histogram_bins,
+        )  # fmt: skip
+        if best:
+            shutil.copy(folder / "plots" / f"round_{rnd:03d}.png", folder / "best_model.png")
         round_seconds.append(time.time() - start)
         rows.append(
             {
-                "round": rnd, **pooled, **{f"heldout_{k}": v for k, v in held.items()},
-                "n_sites": len(record.trained), "n_failed": len(record.failures), "n_val": record.n_val,
-                "train_loss": record.train_loss, "seconds": round_seconds[-1], "best": best, "failures": "; ".join(record.failures),
+                "round": rnd, **record.row, **held.row,
+                "n_sites": len(record.trained), "n_failed": len(record.failures), "n_rejected": record.n_rejected,
+                "n_val": record.n_val, "train_loss": record.train_loss, "seconds": round_seconds[-1], "best": best,
+                "failures": "; ".join(record.failures),
             }
         )  # fmt: skip
-        write_history(folder, rows)
+        site_rows += [{"round": rnd, **site} for site in record.sites]
+        write_tables(folder, rows, site_rows)
+        worst = record.row.get("worst_site_auc", math.nan)
         say(
-            f"round {rnd}/{cfg.num_server_rounds}  pooled AUC {fmt(auc)}  sens {fmt(pooled.get('global_sensitivity'), 2)}  "
-            f"spec {fmt(pooled.get('global_specificity'), 2)}  held-out AUC {fmt(held['auc'])}  "
-            f"sites {len(record.trained)}/{len(strategy.sent.get('train', []))}"
+            f"round {rnd}/{cfg.num_server_rounds}  pooled AUC {fmt(auc)}  sens {fmt(record.row.get('global_sensitivity'), 2)}  "
+            f"spec {fmt(record.row.get('global_specificity'), 2)}  worst site AUC {fmt(worst)} ({record.row.get('worst_site', '-')})  "
+            f"held-out AUC {fmt(held.row['heldout_auc'])}  sites {len(record.trained)}/{len(strategy.sent.get('train', []))}"
             + (f"  FAILED {len(record.failures)}" if record.failures else "")
             + f"  {round_seconds[-1]:.1f} s  ETA {_eta(round_seconds, cfg.num_server_rounds - rnd)}"
         )
         if cfg.early_stop_rounds and stale >= cfg.early_stop_rounds:
             say(f"early stop: no better pooled AUC for {stale} rounds (early-stop-rounds = {cfg.early_stop_rounds})")
             break
-    say(f"done: best pooled AUC {fmt(best_auc)}; final held-out AUC {fmt(held['auc'])}; run folder: {folder}")
+    ci = f"{fmt(held.row['heldout_auc_ci_low'])}-{fmt(held.row['heldout_auc_ci_high'])}"
+    say(f"done: best pooled AUC {fmt(best_auc)}; final held-out AUC {fmt(held.row['heldout_auc'])} (95 % CI {ci}); run folder: {folder}")

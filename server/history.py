@@ -1,4 +1,4 @@
-"""The run folder: resolved configuration, one history row per round, the plot over rounds, last and best models."""
+"""The run folder: resolved configuration, history and per-site tables, plots, last and best models."""
 
 from __future__ import annotations
 
@@ -9,19 +9,27 @@ from pathlib import Path
 from typing import Any
 
 import keras
-import matplotlib
+import pandas as pd
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import pandas as pd  # noqa: E402
-
-from common.config import RunConfig, config_to_dict  # noqa: E402
+from common.config import RunConfig, config_to_dict
+from server.plots import plot_history
 
 HISTORY_COLUMNS = [
-    "round", "global_auc", "global_sensitivity", "global_specificity",
-    "heldout_auc", "heldout_sensitivity", "heldout_specificity",
-    "n_sites", "n_failed", "n_val", "train_loss", "seconds", "best", "failures",
-]  # fmt: skip
+    "round", "global_auc", "global_sensitivity", "global_specificity", "global_auc_images",
+    "mean_site_auc", "worst_site_auc", "worst_site",
+    "threshold_at_target_sensitivity", "specificity_at_target_sensitivity",
+    "heldout_auc", "heldout_auc_ci_low", "heldout_auc_ci_high", "heldout_sensitivity", "heldout_specificity",
+    "heldout_sensitivity_at_threshold", "heldout_specificity_at_threshold", "heldout_ppv_at_threshold",
+    "heldout_npv_at_threshold", "heldout_f1_at_threshold", "heldout_accuracy_at_threshold", "heldout_brier",
+    "n_sites", "n_failed", "n_rejected", "n_val", "train_loss", "seconds", "best", "failures",
+]  # fmt: skip  (per-label columns '<figure>__<label>' follow these when a run has several labels)
+SITE_COLUMNS = ["round", "site", "n_train", "n_val", "auc", "sensitivity", "specificity", "histograms"]
+
+
+def _ordered(rows: list[dict[str, Any]], first: list[str]) -> pd.DataFrame:
+    """Rows as a table whose columns start with `first`, then any others in the order they appear."""
+    extra = list(dict.fromkeys(k for row in rows for k in row if k not in first))
+    return pd.DataFrame(rows, columns=first + extra)
 
 
 def run_folder(cfg: RunConfig) -> Path:
@@ -36,34 +44,12 @@ def run_folder(cfg: RunConfig) -> Path:
     return folder
 
 
-def write_history(folder: Path, rows: list[dict[str, Any]]) -> pd.DataFrame:
-    """Write history.csv (every row so far) and the plot of the figures over rounds; returns the table."""
-    table = pd.DataFrame(rows, columns=HISTORY_COLUMNS)
-    table.to_csv(folder / "history.csv", index=False, float_format="%.6g")
-    plot_history(table, folder / "history.png")
-    return table
-
-
-def plot_history(table: pd.DataFrame, path: Path) -> None:
-    """Two panels a clinician can read: AUC over rounds, and sensitivity and specificity at the run's threshold."""
-    fig, (ax_auc, ax_rates) = plt.subplots(1, 2, figsize=(11, 4.2), constrained_layout=True)
-    ax_auc.plot(table["round"], table["global_auc"], "o-", label="sites' validation, pooled")
-    ax_auc.plot(table["round"], table["heldout_auc"], "s--", label="server's held-out set")
-    ax_auc.set(title="ROC AUC of the global model", xlabel="round", ylabel="AUC", ylim=(0.4, 1.0))
-    ax_rates.plot(table["round"], table["global_sensitivity"], "o-", color="tab:red", label="sensitivity, pooled")
-    ax_rates.plot(table["round"], table["global_specificity"], "o-", color="tab:blue", label="specificity, pooled")
-    ax_rates.plot(table["round"], table["heldout_sensitivity"], "s--", color="tab:red", alpha=0.6, label="sensitivity, held-out")
-    ax_rates.plot(table["round"], table["heldout_specificity"], "s--", color="tab:blue", alpha=0.6, label="specificity, held-out")
-    ax_rates.set(title="At the decision threshold", xlabel="round", ylabel="rate", ylim=(0.0, 1.02))
-    best = table[table["best"] == True]  # noqa: E712  (a column of booleans with NaN-free rows)
-    for ax in (ax_auc, ax_rates):
-        for r in best["round"].tail(1):
-            ax.axvline(r, color="grey", lw=0.8, ls=":", label=f"best model (round {r})")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8, loc="lower right")
-        ax.xaxis.get_major_locator().set_params(integer=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+def write_tables(folder: Path, rows: list[dict[str, Any]], site_rows: list[dict[str, Any]]) -> None:
+    """Write history.csv, sites.csv (one row per site per round) and the plot of the figures over rounds."""
+    history, sites = _ordered(rows, HISTORY_COLUMNS), _ordered(site_rows, SITE_COLUMNS)
+    history.to_csv(folder / "history.csv", index=False, float_format="%.6g")
+    sites.to_csv(folder / "sites.csv", index=False, float_format="%.6g")
+    plot_history(history, sites, folder / "history.png")
 
 
 def save_model(model: keras.Model, path: Path) -> None:

@@ -3,30 +3,37 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable
+import math
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
+import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
 from common import wire
 from common.config import RunConfig
-from common.metrics import summary
+from common.metrics import figures, operating_point
 
 log = logging.getLogger(__name__)
 
 
 @dataclass
 class RoundRecord:
-    """What one round's replies amounted to: who contributed, who failed and why, and the pooled figures."""
+    """What one round's replies amounted to: who contributed, who failed and why, pooled and per-site figures."""
 
-    trained: list[str] = field(default_factory=list)
+    trained: dict[str, int] = field(default_factory=dict)  # site -> training images
     evaluated: list[str] = field(default_factory=list)
     failures: list[str] = field(default_factory=list)  # "site (phase): reason"
+    n_rejected: int = 0  # replies that arrived but were invalid
     train_loss: float = float("nan")
-    pooled: dict[str, float] = field(default_factory=dict)
     n_val: int = 0
+    row: dict[str, float | str] = field(default_factory=dict)  # history.csv columns: pooled figures, operating point, site spread
+    thresholds: np.ndarray | None = None  # (n_labels,) operating point per label, chosen on pooled validation
+    pos: np.ndarray | None = None  # (n_labels, n_bins) pooled histograms, for the ROC plot
+    neg: np.ndarray | None = None
+    sites: list[dict] = field(default_factory=list)  # one row per evaluated site, for sites.csv
 
 
 class HospitalFedAvg(FedAvg):
@@ -59,7 +66,7 @@ class HospitalFedAvg(FedAvg):
         self.record.failures.append(entry)
         log.warning("round reply left out: %s", entry)
 
-    def _accept(self, phase: str, replies: Iterable[Message], parse) -> list:
+    def _accept(self, phase: str, replies: Iterable[Message], parse: Callable) -> list:
         """Parse every reply; record errors, invalid content and nodes that never replied."""
         accepted, replied = [], set()
         for msg in replies:
@@ -71,6 +78,7 @@ class HospitalFedAvg(FedAvg):
             try:
                 reply = parse(msg.content)
             except wire.ReplyError as exc:
+                self.record.n_rejected += 1
                 self._fail(node_id, phase, f"invalid reply: {exc}")
                 continue
             self.sites[node_id] = reply.site
@@ -95,13 +103,14 @@ class HospitalFedAvg(FedAvg):
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
         """Example-weighted mean of the valid replies' weights; None (keep the global model) below min-hospitals."""
-        accepted: list[wire.TrainReply] = self._accept("train", replies, lambda c: wire.parse_train_reply(c, self.weight_shapes))
-        self.record.trained = [r.site for r in accepted]
+        parse = lambda content: wire.parse_train_reply(content, self.weight_shapes, self.cfg.labels)  # noqa: E731
+        accepted: list[wire.TrainReply] = self._accept("train", replies, parse)
+        self.record.trained = {r.site: r.num_examples for r in accepted}
         if len(accepted) < self.cfg.min_hospitals:
             log.warning(
                 "round %d: %d valid train replies, fewer than min-hospitals = %d; the global model is kept",
                 server_round, len(accepted), self.cfg.min_hospitals,
-            )
+            )  # fmt: skip
             return None, None
         total = sum(r.num_examples for r in accepted)
         weights = [sum(r.weights[i] * (r.num_examples / total) for r in accepted) for i in range(len(self.weight_shapes))]
@@ -110,14 +119,38 @@ class HospitalFedAvg(FedAvg):
         return ArrayRecord([w.astype(accepted[0].weights[i].dtype) for i, w in enumerate(weights)]), metrics
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
-        """Sum the valid replies' confusion counts and histograms into the pooled AUC, sensitivity and specificity."""
-        n_labels, n_bins = len(self.cfg.labels), self.cfg.histogram_bins
-        accepted: list[wire.EvaluateReply] = self._accept("evaluate", replies, lambda c: wire.parse_evaluate_reply(c, n_labels, n_bins))
-        self.record.evaluated = [r.site for r in accepted]
+        """Sum the valid replies' counts and histograms into pooled figures; each site's own figures beside them."""
+        cfg = self.cfg
+        parse = lambda content: wire.parse_evaluate_reply(content, cfg.labels, cfg.histogram_bins)  # noqa: E731
+        accepted: list[wire.EvaluateReply] = self._accept("evaluate", replies, parse)
+        record = self.record
+        record.evaluated = [r.site for r in accepted]
         if not accepted:
             return None
+        with_hist = [r for r in accepted if r.pos is not None]
         counts = sum(r.counts for r in accepted)
-        pos, neg = sum(r.pos for r in accepted), sum(r.neg for r in accepted)
-        self.record.pooled = summary(counts, pos, neg)
-        self.record.n_val = sum(r.num_examples for r in accepted)
-        return MetricRecord({**self.record.pooled, wire.NUM_EXAMPLES: self.record.n_val})
+        record.n_val = sum(r.num_examples for r in accepted)
+        if with_hist:
+            record.pos, record.neg = sum(r.pos for r in with_hist), sum(r.neg for r in with_hist)
+        record.row = {f"global_{k}": v for k, v in figures(counts, record.pos, record.neg, cfg.labels).items()}
+        record.row["global_auc_images"] = sum(r.num_examples for r in with_hist)  # how many images the pooled AUC covers
+        if record.pos is not None:
+            record.thresholds, op = operating_point(record.pos, record.neg, cfg.target_sensitivity, cfg.labels)
+            record.row |= op
+        record.sites = [
+            {"site": r.site, "n_train": record.trained.get(r.site, 0), "n_val": r.num_examples, "histograms": r.pos is not None,
+             **figures(r.counts, r.pos, r.neg, cfg.labels)}
+            for r in accepted
+        ]  # fmt: skip
+        record.row |= site_spread(record.sites)
+        return MetricRecord({k: float(v) for k, v in record.row.items() if isinstance(v, (int, float))})
+
+
+def site_spread(sites: list[dict]) -> dict:
+    """The sites' AUCs summarised: example-weighted mean, and the worst site's AUC and name (sites with a defined AUC)."""
+    defined = [s for s in sites if not math.isnan(s["auc"])]
+    if not defined:
+        return {"mean_site_auc": float("nan"), "worst_site_auc": float("nan"), "worst_site": ""}
+    worst = min(defined, key=lambda s: s["auc"])
+    mean = sum(s["auc"] * s["n_val"] for s in defined) / sum(s["n_val"] for s in defined)
+    return {"mean_site_auc": mean, "worst_site_auc": worst["auc"], "worst_site": worst["site"]}

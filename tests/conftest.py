@@ -15,7 +15,7 @@ from common.config import RunConfig, parse_run_config  # noqa: E402
 def small_cfg(tmp_path) -> RunConfig:
     """Three hospitals of 40 images at 32x32: big enough for every split, small enough to train in seconds."""
     return parse_run_config(
-        {"num-hospitals": 3, "images-per-hospital": 40, "heldout-images": 30, "image-size": 32, "output-dir": str(tmp_path / "runs")}
+        {"num-hospitals": 3, "images-per-hospital": 40, "heldout-images": 30, "image-size": 32, "min-histogram-images": 5, "output-dir": str(tmp_path / "runs")}
     )
 
 

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
+import pandas as pd
 import pytest
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
 
@@ -15,13 +18,14 @@ from common.partition import hospital_data
 pytestmark = pytest.mark.usefixtures("task_identity")
 
 
-def _call(kind: str, weights, cfg, hospital: int = 1) -> Message:
+def _call(kind: str, weights, cfg, hospital: int = 1, run_folder=None) -> Message:
     """Send one message to the ClientApp and return its reply."""
     context = Context(
         run_id=1, node_id=10 + hospital, node_config={"partition-id": hospital, "num-partitions": cfg.num_hospitals},
         state=RecordDict(), run_config=config_to_dict(cfg),
     )  # fmt: skip
-    content = RecordDict({wire.ARRAYS: ArrayRecord(weights), "config": ConfigRecord({"server-round": 1})})
+    config = {"server-round": 1} | ({wire.RUN_FOLDER: str(run_folder)} if run_folder else {})
+    content = RecordDict({wire.ARRAYS: ArrayRecord(weights), "config": ConfigRecord(config)})
     return app(Message(content=content, dst_node_id=10 + hospital, message_type=kind), context)
 
 
@@ -29,23 +33,28 @@ def test_train_changes_the_weights_and_reports_images_not_batches(small_cfg):
     weights = build_model(small_cfg.model, (32, 32, 1), 1, small_cfg.learning_rate).get_weights()
     reply = _call(MessageType.TRAIN, weights, small_cfg)
     assert not reply.has_error()
-    parsed = wire.parse_train_reply(reply.content, [w.shape for w in weights])
+    parsed = wire.parse_train_reply(reply.content, [w.shape for w in weights], small_cfg.labels)
     train, _ = hospital_data(small_cfg, 1)
     assert parsed.site == "hospital-1" and parsed.num_examples == len(train) and np.isfinite(parsed.train_loss)
     assert any(not np.allclose(a, b) for a, b in zip(weights, parsed.weights))
 
 
 def test_only_weights_counts_and_histograms_leave_a_hospital(small_cfg):
-    """Capture every reply a client sends and check it holds nothing that is an image or a per-patient output."""
+    """Capture every reply a client sends and check it holds only weights, the site's name and labels, example counts,
+    the loss, confusion counts and histograms: no image, no array the size of an image, no per-patient score or label.
+    This test is meant to fail when a later change makes a client send anything more."""
     weights = build_model(small_cfg.model, (32, 32, 1), 1, small_cfg.learning_rate).get_weights()
     train_set, val_set = hospital_data(small_cfg, 1)
     replies = {kind: _call(kind, weights, small_cfg) for kind in (MessageType.TRAIN, MessageType.EVALUATE)}
+    image_size = int(np.prod(train_set.images.shape[1:]))
 
     train = replies[MessageType.TRAIN].content
     assert set(train.keys()) == {wire.ARRAYS, wire.METRICS, wire.SITE}
-    assert [a.shape for a in train[wire.ARRAYS].to_numpy_ndarrays()] == [w.shape for w in weights]  # model-shaped only
+    sent_arrays = train[wire.ARRAYS].to_numpy_ndarrays()
+    assert [a.shape for a in sent_arrays] == [w.shape for w in weights]  # model-shaped only
+    assert all(a.size != image_size for a in sent_arrays)
     assert set(train[wire.METRICS].keys()) == wire.TRAIN_METRIC_KEYS
-    assert dict(train[wire.SITE]) == {wire.SITE_NAME: "hospital-1"}
+    assert isinstance(train[wire.METRICS][wire.NUM_EXAMPLES], int) and isinstance(train[wire.METRICS][wire.TRAIN_LOSS], float)
 
     evaluate = replies[MessageType.EVALUATE].content
     assert set(evaluate.keys()) == {wire.METRICS, wire.SITE}
@@ -54,14 +63,30 @@ def test_only_weights_counts_and_histograms_leave_a_hospital(small_cfg):
     assert metrics[wire.NUM_EXAMPLES] == len(val_set)
     # aggregate counts only: the histograms are as long as the run's bins, whatever the number of patients
     assert len(metrics[wire.HIST_POS]) == len(metrics[wire.HIST_NEG]) == small_cfg.histogram_bins
+    assert len(metrics[wire.CONFUSION]) == 4 and sum(metrics[wire.CONFUSION]) == len(val_set)
     assert all(isinstance(v, int) for v in metrics[wire.HIST_POS] + metrics[wire.HIST_NEG] + metrics[wire.CONFUSION])
     assert sum(metrics[wire.HIST_POS]) + sum(metrics[wire.HIST_NEG]) == len(val_set)
+    assert len(val_set) not in {len(metrics[k]) for k in (wire.HIST_POS, wire.HIST_NEG, wire.CONFUSION)}  # no list per patient
+
+    for content in (train, evaluate):
+        assert dict(content[wire.SITE]) == {wire.SITE_NAME: "hospital-1", wire.SITE_LABELS: list(small_cfg.labels)}
 
     # no image's pixels anywhere in what was sent
-    sent = np.concatenate([a.reshape(-1) for a in train[wire.ARRAYS].to_numpy_ndarrays()])
+    sent = np.concatenate([a.reshape(-1) for a in sent_arrays])
     image_rows = {np.round(img.reshape(-1)[:16], 6).tobytes() for img in np.concatenate([train_set.images, val_set.images])}
     windows = {np.round(sent[i : i + 16], 6).astype(np.float32).tobytes() for i in range(0, len(sent) - 16)}
     assert not image_rows & windows
+
+
+def test_a_small_site_sends_counts_but_no_histograms_and_keeps_its_own_report(small_cfg, tmp_path):
+    cfg = dataclasses.replace(small_cfg, min_histogram_images=1000)
+    weights = build_model(cfg.model, (32, 32, 1), 1, cfg.learning_rate).get_weights()
+    reply = _call(MessageType.EVALUATE, weights, cfg, run_folder=tmp_path)
+    metrics = reply.content[wire.METRICS]
+    assert set(metrics.keys()) == wire.COUNTS_ONLY_METRIC_KEYS
+    report = pd.read_csv(tmp_path / "hospitals" / "hospital-1" / "report.csv")
+    assert report["round"].tolist() == [1] and report["n_val"].tolist() == [metrics[wire.NUM_EXAMPLES]]
+    assert {"auc", "sensitivity", "specificity"} <= set(report.columns)
 
 
 def test_a_hospital_outside_the_federation_is_a_clear_error(small_cfg):

@@ -68,7 +68,7 @@ def test_the_heldout_set_represents_every_hospital_and_never_overlaps_a_hospital
     cfg = _cfg(**{"num-hospitals": 3, "images-per-hospital": 40, "heldout-images": 60})
     heldout = heldout_set(cfg)
     assert len(heldout) == 60 and np.bincount(heldout.source).tolist() == [20, 20, 20]
-    assert not np.isnan(heldout.boxes[heldout.labels[:, 0] == 1]).any()
+    assert not np.isnan(heldout.boxes[heldout.labels[:, 0] == 1]).any() and heldout.boxes.shape == (60, 1, 4)
     clients = {img.tobytes() for h in range(3) for part in hospital_data(cfg, h) for img in part.images}
     assert not any(img.tobytes() in clients for img in heldout.images)
 

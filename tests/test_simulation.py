@@ -12,7 +12,7 @@ import pytest
 
 from server import simulate
 
-SMALL = "num-server-rounds=2 num-hospitals=3 images-per-hospital=40 heldout-images=30 image-size=32 min-hospitals=3"
+SMALL = "num-server-rounds=2 num-hospitals=3 images-per-hospital=40 heldout-images=30 image-size=32 min-hospitals=3 min-histogram-images=5"
 
 
 def _flower_processes() -> list[psutil.Process]:
@@ -31,7 +31,9 @@ def test_a_two_round_simulation_writes_a_complete_run_folder(tmp_path, capfd):
     out = capfd.readouterr().out
     assert code == 0, out
     folder = tmp_path / "e2e"
-    assert {"config.json", "history.csv", "history.png", "model_last.keras", "model_best.keras"} <= {p.name for p in folder.iterdir()}
+    files = {p.name for p in folder.iterdir()}
+    assert {"config.json", "history.csv", "sites.csv", "history.png", "best_model.png", "model_last.keras", "model_best.keras", "superlink.log"} <= files
+    assert sorted(p.name for p in (folder / "plots").iterdir()) == ["round_001.png", "round_002.png"]
     assert json.loads((folder / "config.json").read_text())["num-server-rounds"] == 2
 
     history = pd.read_csv(folder / "history.csv")
@@ -41,7 +43,24 @@ def test_a_two_round_simulation_writes_a_complete_run_folder(tmp_path, capfd):
         values = history[column].iloc[1:] if column.startswith("global") else history[column]
         assert values.between(0, 1).all(), column
     assert history["n_sites"].iloc[1:].tolist() == [3, 3] and history["n_failed"].tolist() == [0, 0, 0]
-    assert history["n_val"].iloc[1] > 0 and (history["seconds"] > 0).all()
+    assert history["n_val"].iloc[1] > 0 and (history["seconds"] > 0).all() and history["n_rejected"].tolist() == [0, 0, 0]
+    later = history.iloc[1:]
+    assert later["global_auc_images"].eq(later["n_val"]).all()
+    assert (later["worst_site_auc"] <= later["mean_site_auc"] + 1e-9).all()
+    for column in ("threshold_at_target_sensitivity", "specificity_at_target_sensitivity", "heldout_auc_ci_low", "heldout_auc_ci_high",
+                   "heldout_sensitivity_at_threshold", "heldout_specificity_at_threshold", "heldout_accuracy_at_threshold", "heldout_brier"):
+        assert later[column].between(0, 1).all(), column
+    for column in ("heldout_ppv_at_threshold", "heldout_npv_at_threshold", "heldout_f1_at_threshold"):  # undefined when nobody is called negative
+        assert later[column].dropna().between(0, 1).all() and column in later, column
+    assert (history["heldout_auc_ci_low"] <= history["heldout_auc"]).all() and (history["heldout_auc"] <= history["heldout_auc_ci_high"]).all()
+
+    sites = pd.read_csv(folder / "sites.csv")
+    assert list(sites.columns[:7]) == ["round", "site", "n_train", "n_val", "auc", "sensitivity", "specificity"]
+    assert sorted(zip(sites["round"], sites["site"])) == [(r, f"hospital-{h}") for r in (1, 2) for h in range(3)]
+    assert sites.groupby("round")["n_val"].sum().tolist() == later["n_val"].tolist()
+    for h in range(3):  # each hospital's own report, kept at the hospital
+        report = pd.read_csv(folder / "hospitals" / f"hospital-{h}" / "report.csv")
+        assert report["round"].tolist() == [1, 2]
 
     model = keras.models.load_model(folder / "model_best.keras")
     assert model.output_shape == (None, 1)
@@ -79,3 +98,17 @@ def test_bad_settings_stop_before_anything_starts(tmp_path, capfd, setting, mess
     code = simulate.main(["-c", f"{SMALL} data='{data}' image-size=28 output-dir='{runs}' {setting}"])
     assert code == 2 and message in capfd.readouterr().err
     assert not runs.exists()
+
+
+def test_a_three_finding_simulation_reports_every_figure_per_label(tmp_path, capfd):
+    settings = f"{SMALL} num-server-rounds=1 labels='nodule,basal_opacity,cardiomegaly' output-dir='{tmp_path}' run-name='multi'"
+    assert simulate.main(["-c", settings]) == 0, capfd.readouterr().err
+    history = pd.read_csv(tmp_path / "multi" / "history.csv")
+    sites = pd.read_csv(tmp_path / "multi" / "sites.csv")
+    for label in ("nodule", "basal_opacity", "cardiomegaly"):
+        for column in ("global_auc", "global_sensitivity", "heldout_auc", "heldout_auc_ci_low", "specificity_at_target_sensitivity",
+                       "threshold_at_target_sensitivity", "heldout_specificity_at_threshold"):
+            assert history.loc[1, f"{column}__{label}"] >= 0, (column, label)
+        assert sites[f"auc__{label}"].notna().all()
+    macro = np.nanmean([history.loc[1, f"global_auc__{label}"] for label in ("nodule", "basal_opacity", "cardiomegaly")])
+    assert history.loc[1, "global_auc"] == pytest.approx(macro)

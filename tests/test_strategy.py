@@ -12,6 +12,7 @@ from common.metrics import auc_from_histograms, statistics
 from server.strategy import HospitalFedAvg
 
 SHAPES = [(3, 2), (2,)]
+LABELS = ("lesion",)
 pytestmark = pytest.mark.usefixtures("task_identity")
 
 
@@ -21,7 +22,7 @@ def _request(node_id: int, kind: str) -> Message:
 
 def _train_reply(node_id: int, site: str, value: float, n: int) -> Message:
     weights = [np.full(s, value, np.float32) for s in SHAPES]
-    return Message(wire.pack_train_reply(site, weights, n, 0.5), reply_to=_request(node_id, MessageType.TRAIN))
+    return Message(wire.pack_train_reply(site, LABELS, weights, n, 0.5), reply_to=_request(node_id, MessageType.TRAIN))
 
 
 def _strategy(**settings) -> HospitalFedAvg:
@@ -34,7 +35,7 @@ def _strategy(**settings) -> HospitalFedAvg:
 def test_weights_are_averaged_by_image_count_and_bad_replies_are_recorded_by_site():
     strategy = _strategy()
     strategy.sites[3] = "hospital-c"  # learnt from an earlier round
-    broken = RecordDict({wire.ARRAYS: ArrayRecord([np.ones((9,), np.float32)]), **{k: v for k, v in wire.pack_train_reply("hospital-c", [np.ones(s, np.float32) for s in SHAPES], 5, 0.1).items() if k != wire.ARRAYS}})
+    broken = RecordDict({wire.ARRAYS: ArrayRecord([np.ones((9,), np.float32)]), **{k: v for k, v in wire.pack_train_reply("hospital-c", LABELS, [np.ones(s, np.float32) for s in SHAPES], 5, 0.1).items() if k != wire.ARRAYS}})
     replies = [
         _train_reply(1, "hospital-a", 1.0, 100),
         _train_reply(2, "hospital-b", 4.0, 300),
@@ -43,7 +44,8 @@ def test_weights_are_averaged_by_image_count_and_bad_replies_are_recorded_by_sit
     arrays, metrics = strategy.aggregate_train(1, replies)
     assert np.allclose(arrays.to_numpy_ndarrays()[0], (1.0 * 100 + 4.0 * 300) / 400)
     assert metrics[wire.NUM_EXAMPLES] == 400
-    assert strategy.record.trained == ["hospital-a", "hospital-b"]
+    assert strategy.record.trained == {"hospital-a": 100, "hospital-b": 300}
+    assert strategy.record.n_rejected == 1
     failures = strategy.record.failures
     assert len(failures) == 2
     assert failures[0].startswith("hospital-c (train): invalid reply: weights have shapes [(9,)]")
@@ -60,9 +62,11 @@ def test_client_errors_and_non_finite_weights_are_left_out_and_below_min_hospita
     assert "non-finite" in reasons and "client error: out of memory" in reasons
 
 
-def _evaluate_reply(node_id: int, site: str, logits, labels) -> Message:
+def _evaluate_reply(node_id: int, site: str, logits, labels, histograms: bool = True, names=LABELS) -> Message:
     counts, pos, neg = statistics(logits, labels, 0.5, 50)
-    return Message(wire.pack_evaluate_reply(site, len(labels), counts, pos, neg), reply_to=_request(node_id, MessageType.EVALUATE))
+    if not histograms:
+        pos = neg = None
+    return Message(wire.pack_evaluate_reply(site, names, len(labels), counts, pos, neg), reply_to=_request(node_id, MessageType.EVALUATE))
 
 
 def test_evaluate_replies_are_pooled_by_summing_histograms_not_by_averaging_aucs():
@@ -74,8 +78,36 @@ def test_evaluate_replies_are_pooled_by_summing_histograms_not_by_averaging_aucs
     strategy = _strategy()
     metrics = strategy.aggregate_evaluate(1, [_evaluate_reply(i + 1, f"s{i}", z, y) for i, (z, y) in enumerate(sites)])
     _, pos, neg = statistics(np.concatenate([z for z, _ in sites]), np.concatenate([y for _, y in sites]), 0.5, 50)
-    assert metrics["auc"] == pytest.approx(auc_from_histograms(pos[0], neg[0]))
-    assert strategy.record.n_val == 520 and strategy.record.evaluated == ["s0", "s1", "s2"]
+    assert metrics["global_auc"] == pytest.approx(auc_from_histograms(pos[0], neg[0]))
+    record = strategy.record
+    assert record.n_val == 520 and record.evaluated == ["s0", "s1", "s2"] and record.row["global_auc_images"] == 520
+    site_aucs = [site["auc"] for site in record.sites]
+    assert record.row["worst_site_auc"] == min(site_aucs) and record.row["worst_site"] == f"s{int(np.argmin(site_aucs))}"
+    assert record.row["mean_site_auc"] == pytest.approx(np.average(site_aucs, weights=[30, 400, 90]))
+    assert 0 < record.row["threshold_at_target_sensitivity"] < 1 and record.thresholds.shape == (1,)
+
+
+def test_a_site_without_histograms_counts_in_sensitivity_but_not_in_the_pooled_auc():
+    rng = np.random.default_rng(1)
+    big = (rng.normal(0, 1, (200, 1)).astype(np.float32), (rng.random((200, 1)) < 0.5).astype(np.uint8))
+    small = (np.array([[2.0], [-2.0], [1.0]], np.float32), np.array([[1], [0], [0]], np.uint8))
+    strategy = _strategy()
+    strategy.aggregate_evaluate(1, [_evaluate_reply(1, "big", *big), _evaluate_reply(2, "small", *small, histograms=False)])
+    record = strategy.record
+    assert record.row["global_auc_images"] == 200 and record.n_val == 203
+    assert np.isnan(record.sites[1]["auc"]) and record.sites[1]["histograms"] is False
+    both = np.concatenate([big[0], small[0]]) >= 0, np.concatenate([big[1], small[1]])[:, 0] == 1
+    assert record.row["global_sensitivity"] == pytest.approx((both[0][:, 0] & both[1]).sum() / both[1].sum())
+
+
+def test_a_reply_for_other_labels_is_rejected_and_counted():
+    strategy = _strategy()
+    labels = np.array([[0], [1]], np.uint8)
+    good = _evaluate_reply(1, "a", np.array([[0.1], [0.2]], np.float32), labels)
+    other = _evaluate_reply(2, "b", np.array([[0.1], [0.2]], np.float32), labels, names=("pneumonia",))
+    strategy.aggregate_evaluate(1, [good, other])
+    assert strategy.record.evaluated == ["a"] and strategy.record.n_rejected == 1
+    assert "labels ['pneumonia'] do not match the run's ['lesion']" in strategy.record.failures[0]
 
 
 @pytest.mark.parametrize(
@@ -83,6 +115,8 @@ def test_evaluate_replies_are_pooled_by_summing_histograms_not_by_averaging_aucs
     [
         (lambda m: m.__setitem__(wire.CONFUSION, [1, 2, 3]), "confusion: expected 4 non-negative integers"),
         (lambda m: m.__setitem__(wire.HIST_POS, [-1] * 50), "hist-pos: expected 50 non-negative integers"),
+        (lambda m: m.__setitem__(wire.HIST_POS, [0.5] * 50), "hist-pos: expected 50 non-negative integers"),
+        (lambda m: m.__setitem__(wire.HIST_NEG, [0] * 49), "hist-neg: expected 50 non-negative integers"),
         (lambda m: m.__setitem__(wire.NUM_EXAMPLES, 999), "disagree with the histograms"),
         (lambda m: m.__setitem__("patient-scores", [0.1, 0.9]), "metrics keys"),
     ],
@@ -92,15 +126,16 @@ def test_inconsistent_evaluate_replies_are_rejected_with_the_reason(tamper, reas
     reply = _evaluate_reply(1, "s", np.array([[0.1], [2.0], [-1.0]], np.float32), labels)
     tamper(reply.content[wire.METRICS])
     with pytest.raises(wire.ReplyError, match=reason):
-        wire.parse_evaluate_reply(reply.content, 1, 50)
+        wire.parse_evaluate_reply(reply.content, LABELS, 50)
 
 
 def test_a_reply_without_a_site_name_is_rejected():
-    content = wire.pack_train_reply("x", [np.ones(s, np.float32) for s in SHAPES], 3, 0.2)
+    content = wire.pack_train_reply("x", LABELS, [np.ones(s, np.float32) for s in SHAPES], 3, 0.2)
     del content[wire.SITE]
     content[wire.SITE] = ConfigRecord({"other": "x"})
     with pytest.raises(wire.ReplyError, match="no site name"):
-        wire.parse_train_reply(content, SHAPES)
-    content = RecordDict({wire.METRICS: MetricRecord({wire.NUM_EXAMPLES: 0, wire.TRAIN_LOSS: 0.1}), wire.SITE: ConfigRecord({wire.SITE_NAME: "x"})})
+        wire.parse_train_reply(content, SHAPES, LABELS)
+    site = ConfigRecord({wire.SITE_NAME: "x", wire.SITE_LABELS: list(LABELS)})
+    content = RecordDict({wire.METRICS: MetricRecord({wire.NUM_EXAMPLES: 0, wire.TRAIN_LOSS: 0.1}), wire.SITE: site})
     with pytest.raises(wire.ReplyError, match="expected a positive number of images"):
-        wire.parse_train_reply(content, SHAPES)
+        wire.parse_train_reply(content, SHAPES, LABELS)

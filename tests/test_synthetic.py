@@ -36,8 +36,8 @@ def test_images_are_grayscale_in_unit_range_and_prevalence_holds():
 @pytest.mark.parametrize("size", [32, 64, 128])
 def test_lesions_lie_inside_the_image_and_inside_a_lung_field(size):
     for index in range(60):
-        _, box = synthetic.make_image(11, index, 1, size)
-        y0, x0, y1, x1 = box
+        _, boxes = synthetic.make_image(11, index, (1,), size)
+        y0, x0, y1, x1 = boxes[0]
         assert 0 <= y0 < y1 <= size and 0 <= x0 < x1 <= size
         radius = (y1 - y0) / 2
         lo, hi = (r * size / 64 for r in synthetic.LESION_RADIUS_64)
@@ -51,19 +51,30 @@ def test_lesions_lie_inside_the_image_and_inside_a_lung_field(size):
 
 
 def test_lesion_contrast_is_within_the_pinned_multiple_of_the_noise():
-    """Lesion image minus the same image without it (same seed: same anatomy and noise) peaks at 2.5-6 noise sigmas."""
+    """An image minus its lesion-free twin (same anatomy, same noise) peaks at 2.5 to 6 noise sigmas."""
     lo, hi = synthetic.LESION_CONTRAST
     assert (lo, hi) == (2.5, 6.0)
-    peaks = []
-    for index in range(40):
-        with_lesion, box = synthetic.make_image(5, index, 1)
-        rng = np.random.default_rng([5, index])
-        img, _, lungs = synthetic._anatomy(rng, 64)
-        synthetic.lesion_centre_and_radius(rng, 64, lungs)
-        rng.uniform(*synthetic.LESION_CONTRAST)
-        noise = rng.normal(0.0, synthetic.NOISE_STD, img.shape).astype(np.float32)
-        without = np.clip(img + noise, 0, 1)
-        peaks.append((with_lesion - without).max() / synthetic.NOISE_STD)
-    peaks = np.array(peaks)
+    peaks = np.array(
+        [(synthetic.make_image(5, i, (1,))[0] - synthetic.make_image(5, i, (0,))[0]).max() / synthetic.NOISE_STD for i in range(60)]
+    )
     assert peaks.min() >= lo - 0.05 and peaks.max() <= hi + 0.05
     assert peaks.max() - peaks.min() > 1.5  # the contrast really varies across the range
+
+
+def test_the_three_finding_mode_draws_each_finding_with_its_box():
+    labels = synthetic.sample_labels(4, 400, 0.4, n_findings=3)
+    assert labels.shape == (400, 3) and 0.3 < labels.mean() < 0.5
+    images, boxes = synthetic.make_images(4, np.arange(400), labels, 64, synthetic.MULTI)
+    assert boxes.shape == (400, 3, 4)
+    assert np.array_equal(~np.isnan(boxes[..., 0]), labels == 1)  # a box exactly where a finding is present
+    present = boxes[labels == 1]
+    assert (present[:, :2] >= 0).all() and (present[:, 2:] <= 64).all() and (present[:, 2:] > present[:, :2]).all()
+    # each finding changes the image where its box says
+    for j in range(3):
+        one = np.zeros(3, int)
+        one[j] = 1
+        with_finding, box = synthetic.make_image(9, 0, tuple(one), 64, synthetic.MULTI)
+        without, _ = synthetic.make_image(9, 0, (0, 0, 0), 64, synthetic.MULTI)
+        y0, x0, y1, x1 = np.clip(np.round(box[j]).astype(int), 0, 64)
+        changed = np.abs(with_finding - without) > 1e-6
+        assert changed[y0:y1, x0:x1].mean() > 0.1 and changed.sum() - changed[y0:y1, x0:x1].sum() <= 0.1 * changed.sum() + 4
