@@ -57,7 +57,9 @@ def run(name: str, settings: str) -> dict:
     last, best = history.iloc[-1], history.loc[history["best"] == True].iloc[-1]  # noqa: E712
     return {
         "scenario": name, "wall_s": round(wall, 1), "peak_rss_gib": round(peak / 2**30, 2), "rounds": int(last["round"]),
-        "final_pooled_auc": last["global_auc"], "final_heldout_auc": last["heldout_auc"],
+        "final_pooled_auc": last["global_auc"], "final_mean_site_auc": last["mean_site_auc"], "final_worst_site_auc": last["worst_site_auc"],
+        "final_heldout_auc": last["heldout_auc"], "heldout_auc_ci_low": last["heldout_auc_ci_low"], "heldout_auc_ci_high": last["heldout_auc_ci_high"],
+        "final_heldout_sens_at_op": last["heldout_sensitivity_at_threshold"], "final_heldout_spec_at_op": last["heldout_specificity_at_threshold"],
         "final_heldout_sens": last["heldout_sensitivity"], "final_heldout_spec": last["heldout_specificity"],
         "best_round": int(best["round"]), "best_pooled_auc": best["global_auc"], "run_folder": f"runs/{run_name}",
     }  # fmt: skip
