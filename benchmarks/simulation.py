@@ -24,6 +24,7 @@ RESULTS = PROJECT / "benchmarks" / "results"
 PNEUMONIAMNIST = PROJECT.parent / "shared" / "data" / "pneumoniamnist.npz"
 SCENARIOS = {
     "default": "",
+    "shortcut-hospital-1": "shortcut-hospital=1",
     "pneumoniamnist-dirichlet": (
         f"data='{PNEUMONIAMNIST}' labels=pneumonia image-size=28 num-hospitals=5 partition=dirichlet dirichlet-alpha=0.5"
     ),
@@ -61,8 +62,25 @@ def run(name: str, settings: str) -> dict:
         "final_heldout_auc": last["heldout_auc"], "heldout_auc_ci_low": last["heldout_auc_ci_low"], "heldout_auc_ci_high": last["heldout_auc_ci_high"],
         "final_heldout_sens_at_op": last["heldout_sensitivity_at_threshold"], "final_heldout_spec_at_op": last["heldout_specificity_at_threshold"],
         "final_heldout_sens": last["heldout_sensitivity"], "final_heldout_spec": last["heldout_specificity"],
-        "best_round": int(best["round"]), "best_pooled_auc": best["global_auc"], "run_folder": f"runs/{run_name}",
+        "best_round": int(best["round"]), "best_pooled_auc": best["global_auc"],
+        "final_gradcam_pointing": last["gradcam_pointing"], "final_gradcam_energy_in_box": last["gradcam_energy_in_box"],
+        "final_gradcam_border_energy": last["gradcam_border_energy"], **_border_by_hospital(last),
+        "rounds_warned": int(history["gradcam_warning"].notna().sum()),  # an empty warning reads back as NaN
+        "sanity_fully_randomised": _sanity(PROJECT / "runs" / run_name), "run_folder": f"runs/{run_name}",
     }  # fmt: skip
+
+
+def _border_by_hospital(row: pd.Series) -> dict:
+    """The last round's border energy of the hospital whose held-out images draw most of it to the border."""
+    borders = {k.split("__")[1]: v for k, v in row.items() if k.startswith("gradcam_border_energy__hospital-")}
+    worst = max(borders, key=borders.get) if borders else ""
+    return {"max_border_hospital": worst, "max_border_energy": borders.get(worst, float("nan"))}
+
+
+def _sanity(folder: Path) -> float:
+    """The fully randomised stage's rank correlation with the trained model's heatmaps (first label)."""
+    path = folder / "gradcam" / "sanity.csv"
+    return float(pd.read_csv(path)["spearman_with_trained"].iloc[-1]) if path.exists() else float("nan")
 
 
 def main() -> None:
@@ -79,7 +97,11 @@ def main() -> None:
         rows.append(run(name, SCENARIOS[name]))
     table = pd.DataFrame(rows)
     RESULTS.mkdir(parents=True, exist_ok=True)
-    table.to_csv(RESULTS / "simulation.csv", index=False, float_format="%.4f")
+    path = RESULTS / "simulation.csv"
+    if path.exists():  # keep the scenarios not run this time
+        kept = pd.read_csv(path)
+        table = pd.concat([kept[~kept["scenario"].isin(table["scenario"])], table], ignore_index=True)
+    table.to_csv(path, index=False, float_format="%.4f")
     print(table.drop(columns="run_folder").to_string(index=False, float_format=lambda v: f"{v:.3f}"))
 
 

@@ -39,6 +39,20 @@ def apply_scanner(images: np.ndarray, scanner: Scanner, rng: np.random.Generator
     return np.clip(out, 0.0, 1.0).astype(np.float32)
 
 
+def add_shortcut_marker(images: np.ndarray) -> np.ndarray:
+    """Burn a bright square tag into the top-left corner (a simulated scanner or text marker), in place; returns the images."""
+    side = max(2, images.shape[1] // 10)
+    images[:, 1 : 1 + side, 1 : 1 + side, :] = 1.0
+    return images
+
+
+def _mark_shortcut(images: np.ndarray, labels: np.ndarray, source: np.ndarray, cfg: RunConfig) -> None:
+    """Put the shortcut marker on the positive images of the run's shortcut hospital, if any."""
+    if cfg.shortcut_hospital >= 0:
+        rows = (source == cfg.shortcut_hospital) & (labels.max(axis=1) == 1)
+        images[rows] = add_shortcut_marker(images[rows])
+
+
 def assign_hospitals(labels: np.ndarray, cfg: RunConfig) -> np.ndarray:
     """The hospital (0..num_hospitals-1) of every image of the pool: IID or Dirichlet label skew, each image once."""
     n, k = len(labels), cfg.num_hospitals
@@ -100,7 +114,9 @@ def hospital_data(cfg: RunConfig, hospital: int) -> tuple[ImageSet, ImageSet]:
     rows = np.flatnonzero(assign_hospitals(labels, cfg) == hospital)
     images, boxes = _pool_images(cfg, rows, labels)
     images = apply_scanner(images, scanner_for(hospital, cfg.seed, cfg.scanner_spread), np.random.default_rng([cfg.seed, 0x1A6E, hospital]))
-    local = ImageSet(images, labels[rows], boxes, np.full(len(rows), hospital, np.int16))
+    source = np.full(len(rows), hospital, np.int16)
+    _mark_shortcut(images, labels[rows], source, cfg)
+    local = ImageSet(images, labels[rows], boxes, source)
     train, val = stratified_split(local.labels, cfg.val_fraction, cfg.seed + hospital)
     return local.take(train), local.take(val)
 
@@ -121,4 +137,5 @@ def heldout_set(cfg: RunConfig) -> ImageSet:
         rows = source == hospital
         rng = np.random.default_rng([seed, 0x1A6E, hospital])
         images[rows] = apply_scanner(images[rows], scanner_for(hospital, cfg.seed, cfg.scanner_spread), rng)
+    _mark_shortcut(images, labels, source, cfg)
     return ImageSet(images, labels, boxes, source)

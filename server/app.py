@@ -1,32 +1,17 @@
-"""The ServerApp: FedAvg rounds over the hospitals, the held-out check each round, and the run folder."""
+"""The ServerApp: read the run settings, then run the federation (server/federation.py)."""
 
 from __future__ import annotations
 
-import math
 import os
-import shutil
-import time
 
-import keras
-from flwr.app import ArrayRecord, ConfigRecord, Context
+from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
-from common import wire
-from common.config import RunConfig, parse_run_config
-from common.model import build_model, load_initial_weights
-from common.partition import heldout_set
+from common.config import parse_run_config
 from common.runtime import configure_tensorflow
-from server.evaluation import evaluate_heldout
-from server.history import fmt, run_folder, save_model, write_tables
-from server.plots import plot_round
-from server.strategy import HospitalFedAvg
+from server.federation import run_federation
 
 app = ServerApp()
-
-
-def say(text: str) -> None:
-    """One line of progress for the operator (streamed by `flwr run --stream`)."""
-    print(f"[fedimaging] {text}", flush=True)
 
 
 @app.main()
@@ -35,83 +20,3 @@ def main(grid: Grid, context: Context) -> None:
     cfg = parse_run_config(dict(context.run_config))
     configure_tensorflow(os.cpu_count() or 1)
     run_federation(grid, cfg)
-
-
-def _eta(seconds: list[float], remaining: int) -> str:
-    """Remaining time from the mean round so far, as '1m30s'."""
-    left = int(round(sum(seconds) / len(seconds) * remaining)) if seconds else 0
-    return f"{left // 60}m{left % 60:02d}s"
-
-
-def run_federation(grid: Grid, cfg: RunConfig) -> None:
-    """Round 0 (the initial model) and then train, validate and check each round until the last or an early stop."""
-    folder = run_folder(cfg)
-    (folder / "plots").mkdir()
-    say(f"run folder: {folder}")
-    keras.utils.set_random_seed(cfg.seed)
-    heldout = heldout_set(cfg)
-    model = build_model(cfg.model, heldout.images.shape[1:], len(cfg.labels), cfg.learning_rate)
-    if cfg.initial_weights:
-        load_initial_weights(model, cfg.initial_weights)
-    strategy = HospitalFedAvg(cfg, [tuple(w.shape) for w in model.get_weights()])
-    arrays = ArrayRecord(model.get_weights())
-    config = ConfigRecord({wire.RUN_FOLDER: str(folder)})
-
-    start = time.time()
-    held = evaluate_heldout(model, heldout, cfg, thresholds=None)
-    rows = [{"round": 0, **held.row, "n_sites": 0, "n_failed": 0, "n_rejected": 0, "seconds": time.time() - start, "best": False}]
-    site_rows: list[dict] = []
-    write_tables(folder, rows, site_rows)
-    say(f"round 0/{cfg.num_server_rounds}  held-out AUC {fmt(held.row['heldout_auc'])} (initial model, {len(heldout)} held-out images)")
-
-    best_auc, stale, round_seconds = -math.inf, 0, []
-    for rnd in range(1, cfg.num_server_rounds + 1):
-        start = time.time()
-        replies = grid.send_and_receive(strategy.configure_train(rnd, arrays, config, grid), timeout=cfg.round_timeout)
-        new_arrays, _ = strategy.aggregate_train(rnd, replies)
-        arrays = new_arrays if new_arrays is not None else arrays
-        replies = grid.send_and_receive(strategy.configure_evaluate(rnd, arrays, config, grid), timeout=cfg.round_timeout)
-        strategy.aggregate_evaluate(rnd, replies)
-        record = strategy.record
-        model.set_weights(arrays.to_numpy_ndarrays())
-        held = evaluate_heldout(model, heldout, cfg, record.thresholds)
-
-        auc = record.row.get("global_auc", math.nan)
-        best = not math.isnan(auc) and auc > best_auc
-        if best:
-            best_auc, stale = auc, 0
-            save_model(model, folder / "model_best.keras")
-        else:
-            stale += 1
-        save_model(model, folder / "model_last.keras")
-        plot_round(
-            folder / "plots" / f"round_{rnd:03d}.png", f"Round {rnd}: global model", cfg.labels,
-            (record.pos, record.neg) if record.pos is not None else None, (held.logits, heldout.labels),
-            held.counts_at_threshold, record.thresholds, record.sites, cfg.histogram_bins,
-        )  # fmt: skip
-        if best:
-            shutil.copy(folder / "plots" / f"round_{rnd:03d}.png", folder / "best_model.png")
-        round_seconds.append(time.time() - start)
-        rows.append(
-            {
-                "round": rnd, **record.row, **held.row,
-                "n_sites": len(record.trained), "n_failed": len(record.failures), "n_rejected": record.n_rejected,
-                "n_val": record.n_val, "train_loss": record.train_loss, "seconds": round_seconds[-1], "best": best,
-                "failures": "; ".join(record.failures),
-            }
-        )  # fmt: skip
-        site_rows += [{"round": rnd, **site} for site in record.sites]
-        write_tables(folder, rows, site_rows)
-        worst = record.row.get("worst_site_auc", math.nan)
-        say(
-            f"round {rnd}/{cfg.num_server_rounds}  pooled AUC {fmt(auc)}  sens {fmt(record.row.get('global_sensitivity'), 2)}  "
-            f"spec {fmt(record.row.get('global_specificity'), 2)}  worst site AUC {fmt(worst)} ({record.row.get('worst_site', '-')})  "
-            f"held-out AUC {fmt(held.row['heldout_auc'])}  sites {len(record.trained)}/{len(strategy.sent.get('train', []))}"
-            + (f"  FAILED {len(record.failures)}" if record.failures else "")
-            + f"  {round_seconds[-1]:.1f} s  ETA {_eta(round_seconds, cfg.num_server_rounds - rnd)}"
-        )
-        if cfg.early_stop_rounds and stale >= cfg.early_stop_rounds:
-            say(f"early stop: no better pooled AUC for {stale} rounds (early-stop-rounds = {cfg.early_stop_rounds})")
-            break
-    ci = f"{fmt(held.row['heldout_auc_ci_low'])}-{fmt(held.row['heldout_auc_ci_high'])}"
-    say(f"done: best pooled AUC {fmt(best_auc)}; final held-out AUC {fmt(held.row['heldout_auc'])} (95 % CI {ci}); run folder: {folder}")

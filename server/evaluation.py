@@ -9,6 +9,7 @@ import numpy as np
 
 from common.config import RunConfig
 from common.data import ImageSet
+from common.gradcam import border_energy, energy_in_boxes, grid_cell, gradcam, pointing_hits, rank_correlation
 from common.metrics import brier_score, clinical_figures, confusion_counts, delong_ci, figures, per_label, statistics
 
 
@@ -38,3 +39,75 @@ def evaluate_heldout(model: keras.Model, heldout: ImageSet, cfg: RunConfig, thre
         for name in at[0]:
             row |= per_label(f"{name}_at_threshold", [a[name] for a in at], names)
     return HeldoutResult({f"heldout_{k}": v for k, v in row.items()}, logits, counts)
+
+
+@dataclass(frozen=True)
+class GradcamResult:
+    """One round's Grad-CAM check on the fixed held-out sample."""
+
+    row: dict[str, float | str]  # history.csv columns, prefixed 'gradcam_'
+    heat: np.ndarray  # (n_labels, n, H, W) heatmaps, for drift next round and for the pictures
+    cases: list[tuple[int, str]]  # (sample row, 'true positive' | 'false negative' | 'false positive') for the overlays, label 0
+
+
+def gradcam_sample(heldout: ImageSet, cfg: RunConfig) -> np.ndarray:
+    """The held-out rows the Grad-CAM checks use every round: a fixed, seeded sample."""
+    rng = np.random.default_rng([cfg.seed, 0x6CA3])
+    return np.sort(rng.permutation(len(heldout))[: cfg.gradcam_images])
+
+
+def gradcam_check(
+    model: keras.Model, sample: ImageSet, logits: np.ndarray, thresholds: np.ndarray, cfg: RunConfig, previous: np.ndarray | None
+) -> GradcamResult:
+    """Where the model looks, per label: pointing-game hit rate and energy inside the box on true positives (where boxes
+    are known), energy in the border everywhere and per source hospital, drift since last round, all-zero maps."""
+    names = cfg.labels
+    heat = np.stack([gradcam(model, sample.images, j) for j in range(len(names))])  # (n_labels, n, H, W)
+    tolerance = grid_cell(model)
+    called = logits >= np.log(thresholds) - np.log1p(-thresholds)  # (n, n_labels)
+    pointing, in_box, border, drift, zero, n_tp = [], [], [], [], [], []
+    for j in range(len(names)):
+        truth = sample.labels[:, j] == 1
+        tp = truth & called[:, j] & ~np.isnan(sample.boxes[:, j, 0])
+        n_tp.append(int(tp.sum()))
+        pointing.append(float(pointing_hits(heat[j][tp], sample.boxes[tp, j], tolerance).mean()) if tp.any() else float("nan"))
+        in_box.append(float(energy_in_boxes(heat[j][tp], sample.boxes[tp, j]).mean()) if tp.any() else float("nan"))
+        border.append(border_energy(heat[j]))
+        zero.append(int((heat[j].reshape(len(sample), -1).max(axis=1) == 0).sum()))
+        drift.append(1.0 - rank_correlation(heat[j], previous[j]) if previous is not None else float("nan"))
+    per_image_border = _mean_defined(np.stack(border), axis=0)  # (n,) over labels; NaN where every map is all-zero
+    row = (
+        per_label("pointing", pointing, names) | per_label("energy_in_box", in_box, names)
+        | per_label("border_energy", [float(_mean_defined(b, axis=0)) for b in border], names)
+        | per_label("drift", drift, names)
+        | {"zero_maps": sum(zero), "true_positives": sum(n_tp), "tolerance_px": tolerance}
+    )  # fmt: skip
+    for source in sorted(set(sample.source.tolist()) - {-1}):
+        row[f"border_energy__hospital-{source}"] = float(_mean_defined(per_image_border[sample.source == source], axis=0))
+    truth0, called0 = sample.labels[:, 0] == 1, called[:, 0]
+    cases = [(int(i), kind) for kind, mask in (("true positive", truth0 & called0), ("false negative", truth0 & ~called0),
+             ("false positive", ~truth0 & called0)) for i in np.flatnonzero(mask)[:4]]  # fmt: skip
+    return GradcamResult({f"gradcam_{k}": v for k, v in row.items()}, heat, cases)
+
+
+def _mean_defined(values: np.ndarray, axis: int) -> np.ndarray:
+    """Mean over the non-NaN values along an axis; NaN where there are none."""
+    defined = np.isfinite(values)
+    with np.errstate(invalid="ignore"):
+        return np.where(defined, values, 0.0).sum(axis=axis) / defined.sum(axis=axis)
+
+
+def gradcam_warning(row: dict, previous: dict | None, cfg: RunConfig) -> str:
+    """The round's shortcut warning, or '': AUC rose while localisation fell by more than 0.1, or a hospital's held-out
+    images drew more than gradcam-border-threshold of the heatmap energy into the border."""
+    reasons = []
+    if previous is not None and row.get("global_auc", np.nan) > previous.get("global_auc", np.nan):
+        for name in ("pointing", "energy_in_box"):
+            now, before = row.get(f"gradcam_{name}", np.nan), previous.get(f"gradcam_{name}", np.nan)
+            if now < before - 0.1:
+                reasons.append(f"pooled AUC rose while {name.replace('_', ' ')} fell from {before:.2f} to {now:.2f}")
+    for key, value in row.items():
+        if key.startswith("gradcam_border_energy__hospital-") and value > cfg.gradcam_border_threshold:
+            hospital = key.split("__", 1)[1]
+            reasons.append(f"{hospital}: {value:.2f} of the heatmap energy in the image border (threshold {cfg.gradcam_border_threshold:g})")
+    return "; ".join(reasons)

@@ -21,6 +21,7 @@ HISTORY_COLUMNS = [
     "heldout_auc", "heldout_auc_ci_low", "heldout_auc_ci_high", "heldout_sensitivity", "heldout_specificity",
     "heldout_sensitivity_at_threshold", "heldout_specificity_at_threshold", "heldout_ppv_at_threshold",
     "heldout_npv_at_threshold", "heldout_f1_at_threshold", "heldout_accuracy_at_threshold", "heldout_brier",
+    "gradcam_pointing", "gradcam_energy_in_box", "gradcam_border_energy", "gradcam_drift", "gradcam_warning",
     "n_sites", "n_failed", "n_rejected", "n_val", "train_loss", "seconds", "best", "failures",
 ]  # fmt: skip  (per-label columns '<figure>__<label>' follow these when a run has several labels)
 SITE_COLUMNS = ["round", "site", "n_train", "n_val", "auc", "sensitivity", "specificity", "histograms"]

@@ -10,6 +10,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
+from PIL import Image, ImageDraw  # noqa: E402
 
 from common.metrics import reliability, roc_from_histograms, score_histograms  # noqa: E402
 
@@ -94,4 +95,37 @@ def plot_round(
         extra.axis("off")
     fig.suptitle(title)
     fig.savefig(path, dpi=90)
+    plt.close(fig)
+
+
+def overlay(image: np.ndarray, heat: np.ndarray, box: np.ndarray | None, scale: int = 4) -> Image.Image:
+    """An RGB picture: the grayscale image (H, W, c) with the heatmap (H, W) over it in colour and the true box drawn."""
+    gray = np.clip(image.mean(axis=-1), 0, 1)
+    colour = matplotlib.colormaps["jet"](heat)[..., :3]  # (H, W, 3)
+    alpha = 0.45 * heat[..., None]
+    mixed = (1 - alpha) * gray[..., None] + alpha * colour
+    picture = Image.fromarray((mixed * 255).astype(np.uint8)).resize((gray.shape[1] * scale, gray.shape[0] * scale), Image.NEAREST)
+    if box is not None and not np.isnan(box).any():
+        y0, x0, y1, x1 = (float(v) * scale for v in box)
+        ImageDraw.Draw(picture).rectangle([x0, y0, x1, y1], outline=(0, 255, 0), width=2)
+    return picture
+
+
+def save_gradcam_pictures(folder: Path, title: str, images: np.ndarray, heat: np.ndarray, boxes: np.ndarray, cases: list, probabilities: np.ndarray) -> None:
+    """One overlay per chosen case (true positives, false negatives, false positives) and one grid a clinician can scan."""
+    folder.mkdir(parents=True, exist_ok=True)
+    if not cases:
+        return
+    columns = 4
+    rows = (len(cases) + columns - 1) // columns
+    fig, axes = plt.subplots(rows, columns, figsize=(3 * columns, 3.2 * rows), squeeze=False, constrained_layout=True)
+    for ax in axes.flat:
+        ax.axis("off")
+    for ax, (i, kind) in zip(axes.flat, cases):
+        picture = overlay(images[i], heat[i], boxes[i])
+        picture.save(folder / f"{kind.replace(' ', '_')}_{i:04d}.png")
+        ax.imshow(picture)
+        ax.set_title(f"{kind}\np = {probabilities[i]:.2f}", fontsize=9)
+    fig.suptitle(f"{title} (green: true box; colour: Grad-CAM)")
+    fig.savefig(folder / "grid.png", dpi=80)
     plt.close(fig)

@@ -108,3 +108,18 @@ def test_an_npz_without_the_expected_arrays_says_which_are_missing(tmp_path):
     cfg = parse_run_config({"data": str(tmp_path / "bad.npz")})
     with pytest.raises(ValueError, match="expected arrays 'train_images' and 'train_labels', found \\['images'\\]"):
         pool_labels(cfg)
+
+
+def test_the_shortcut_marker_sits_on_one_hospitals_positive_images_and_its_heldout_share_only():
+    cfg = _cfg(**{"num-hospitals": 3, "images-per-hospital": 40, "heldout-images": 60, "shortcut-hospital": 1})
+    side = 32 // 10
+    for h in range(3):
+        train, _ = hospital_data(cfg, h)
+        marked = (train.images[:, 1 : 1 + side, 1 : 1 + side, 0] == 1.0).all(axis=(1, 2))
+        expected = (train.labels[:, 0] == 1) if h == 1 else np.zeros(len(train), bool)
+        assert np.array_equal(marked, expected), h
+    heldout = heldout_set(cfg)
+    marked = (heldout.images[:, 1 : 1 + side, 1 : 1 + side, 0] == 1.0).all(axis=(1, 2))
+    assert np.array_equal(marked, (heldout.source == 1) & (heldout.labels[:, 0] == 1))
+    with pytest.raises(ConfigError, match="'shortcut-hospital' = 3"):
+        _cfg(**{"num-hospitals": 3, "shortcut-hospital": 3})

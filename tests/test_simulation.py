@@ -54,6 +54,15 @@ def test_a_two_round_simulation_writes_a_complete_run_folder(tmp_path, capfd):
         assert later[column].dropna().between(0, 1).all() and column in later, column
     assert (history["heldout_auc_ci_low"] <= history["heldout_auc"]).all() and (history["heldout_auc"] <= history["heldout_auc_ci_high"]).all()
 
+    for column in ("gradcam_pointing", "gradcam_energy_in_box", "gradcam_border_energy", "gradcam_drift", "gradcam_warning"):
+        assert column in history, column
+    assert later["gradcam_border_energy"].dropna().between(0, 1).all() and later["gradcam_drift"].iloc[1:].between(0, 2).all()
+    for rnd in ("round_001", "round_002"):
+        assert (folder / "gradcam" / rnd / "grid.png").is_file() and len(list((folder / "gradcam" / rnd).glob("*_*.png"))) >= 1
+    sanity = pd.read_csv(folder / "gradcam" / "sanity.csv")
+    assert sanity["randomised_down_to"].iloc[0] == "logits" and sanity["randomised_down_to"].iloc[-1] == "conv1"
+    assert "randomisation test" in out
+
     sites = pd.read_csv(folder / "sites.csv")
     assert list(sites.columns[:7]) == ["round", "site", "n_train", "n_val", "auc", "sensitivity", "specificity"]
     assert sorted(zip(sites["round"], sites["site"])) == [(r, f"hospital-{h}") for r in (1, 2) for h in range(3)]

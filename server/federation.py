@@ -1,0 +1,144 @@
+"""The federation's rounds: train, validate, check the held-out set and where the model looks, record everything."""
+
+from __future__ import annotations
+
+import math
+import shutil
+import time
+from pathlib import Path
+
+import keras
+import numpy as np
+import pandas as pd
+from flwr.app import ArrayRecord, ConfigRecord
+from flwr.serverapp import Grid
+
+from common import wire
+from common.config import RunConfig
+from common.gradcam import randomisation_test
+from common.model import build_model, load_initial_weights
+from common.partition import heldout_set
+from server.evaluation import evaluate_heldout, gradcam_check, gradcam_sample, gradcam_warning
+from server.history import fmt, run_folder, save_model, write_tables
+from server.plots import plot_round, save_gradcam_pictures
+from server.strategy import HospitalFedAvg
+
+
+def say(text: str) -> None:
+    """One line of progress for the operator (streamed by `flwr run --stream`)."""
+    print(f"[fedimaging] {text}", flush=True)
+
+
+def _eta(seconds: list[float], remaining: int) -> str:
+    """Remaining time from the mean round so far, as '1m30s'."""
+    left = int(round(sum(seconds) / len(seconds) * remaining)) if seconds else 0
+    return f"{left // 60}m{left % 60:02d}s"
+
+
+def run_federation(grid: Grid, cfg: RunConfig) -> None:
+    """Round 0 (the initial model) and then train, validate and check each round until the last or an early stop."""
+    folder = run_folder(cfg)
+    (folder / "plots").mkdir()
+    say(f"run folder: {folder}")
+    keras.utils.set_random_seed(cfg.seed)
+    heldout = heldout_set(cfg)
+    model = build_model(cfg.model, heldout.images.shape[1:], len(cfg.labels), cfg.learning_rate)
+    if cfg.initial_weights:
+        load_initial_weights(model, cfg.initial_weights)
+    sample_rows = gradcam_sample(heldout, cfg)
+    sample = heldout.take(sample_rows)
+    strategy = HospitalFedAvg(cfg, [tuple(w.shape) for w in model.get_weights()])
+    arrays = ArrayRecord(model.get_weights())
+    config = ConfigRecord({wire.RUN_FOLDER: str(folder)})
+
+    start = time.time()
+    held = evaluate_heldout(model, heldout, cfg, thresholds=None)
+    rows = [{"round": 0, **held.row, "n_sites": 0, "n_failed": 0, "n_rejected": 0, "seconds": time.time() - start, "best": False}]
+    site_rows: list[dict] = []
+    write_tables(folder, rows, site_rows)
+    say(f"round 0/{cfg.num_server_rounds}  held-out AUC {fmt(held.row['heldout_auc'])} (initial model, {len(heldout)} held-out images)")
+
+    best_auc, stale, round_seconds, heat = -math.inf, 0, [], None
+    for rnd in range(1, cfg.num_server_rounds + 1):
+        start = time.time()
+        replies = grid.send_and_receive(strategy.configure_train(rnd, arrays, config, grid), timeout=cfg.round_timeout)
+        new_arrays, _ = strategy.aggregate_train(rnd, replies)
+        arrays = new_arrays if new_arrays is not None else arrays
+        replies = grid.send_and_receive(strategy.configure_evaluate(rnd, arrays, config, grid), timeout=cfg.round_timeout)
+        strategy.aggregate_evaluate(rnd, replies)
+        record = strategy.record
+        model.set_weights(arrays.to_numpy_ndarrays())
+        held = evaluate_heldout(model, heldout, cfg, record.thresholds)
+        looks, heat = check_where_it_looks(model, sample, held.logits[sample_rows], record.thresholds, cfg, heat, folder / "gradcam" / f"round_{rnd:03d}")
+        looks["gradcam_warning"] = gradcam_warning({**record.row, **looks}, rows[-1] if rnd > 1 else None, cfg)
+        if looks["gradcam_warning"]:
+            say(f"GRAD-CAM WARNING round {rnd}: {looks['gradcam_warning']}")
+
+        auc = record.row.get("global_auc", math.nan)
+        best = not math.isnan(auc) and auc > best_auc
+        if best:
+            best_auc, stale = auc, 0
+            save_model(model, folder / "model_best.keras")
+        else:
+            stale += 1
+        save_model(model, folder / "model_last.keras")
+        plot_round(
+            folder / "plots" / f"round_{rnd:03d}.png", f"Round {rnd}: global model", cfg.labels,
+            (record.pos, record.neg) if record.pos is not None else None, (held.logits, heldout.labels),
+            held.counts_at_threshold, record.thresholds, record.sites, cfg.histogram_bins,
+        )  # fmt: skip
+        if best:
+            shutil.copy(folder / "plots" / f"round_{rnd:03d}.png", folder / "best_model.png")
+        round_seconds.append(time.time() - start)
+        rows.append(
+            {
+                "round": rnd, **record.row, **held.row, **looks,
+                "n_sites": len(record.trained), "n_failed": len(record.failures), "n_rejected": record.n_rejected,
+                "n_val": record.n_val, "train_loss": record.train_loss, "seconds": round_seconds[-1], "best": best,
+                "failures": "; ".join(record.failures),
+            }
+        )  # fmt: skip
+        site_rows += [{"round": rnd, **site} for site in record.sites]
+        write_tables(folder, rows, site_rows)
+        worst = record.row.get("worst_site_auc", math.nan)
+        say(
+            f"round {rnd}/{cfg.num_server_rounds}  pooled AUC {fmt(auc)}  sens {fmt(record.row.get('global_sensitivity'), 2)}  "
+            f"spec {fmt(record.row.get('global_specificity'), 2)}  worst site AUC {fmt(worst)} ({record.row.get('worst_site', '-')})  "
+            f"held-out AUC {fmt(held.row['heldout_auc'])}  sites {len(record.trained)}/{len(strategy.sent.get('train', []))}"
+            + f"  pointing {fmt(looks.get('gradcam_pointing'), 2)}"
+            + (f"  FAILED {len(record.failures)}" if record.failures else "")
+            + f"  {round_seconds[-1]:.1f} s  ETA {_eta(round_seconds, cfg.num_server_rounds - rnd)}"
+        )
+        if cfg.early_stop_rounds and stale >= cfg.early_stop_rounds:
+            say(f"early stop: no better pooled AUC for {stale} rounds (early-stop-rounds = {cfg.early_stop_rounds})")
+            break
+    if heat is not None:
+        sanity_check(model, sample, cfg, folder / "gradcam")
+    ci = f"{fmt(held.row['heldout_auc_ci_low'])}-{fmt(held.row['heldout_auc_ci_high'])}"
+    say(f"done: best pooled AUC {fmt(best_auc)}; final held-out AUC {fmt(held.row['heldout_auc'])} (95 % CI {ci}); run folder: {folder}")
+
+
+def check_where_it_looks(model, sample, logits, thresholds, cfg: RunConfig, previous, pictures: Path) -> tuple[dict, np.ndarray | None]:
+    """This round's Grad-CAM figures and pictures; a failure is said and recorded, and the rest of the round stands."""
+    if cfg.gradcam_images == 0:
+        return {}, None
+    chosen = np.full(len(cfg.labels), cfg.threshold) if thresholds is None else np.where(np.isnan(thresholds), cfg.threshold, thresholds)
+    try:
+        result = gradcam_check(model, sample, logits, chosen, cfg, previous)
+    except ValueError as exc:
+        say(f"Grad-CAM check skipped: {exc}")
+        return {"gradcam_error": str(exc)}, previous
+    probabilities = 1.0 / (1.0 + np.exp(-logits[:, 0].astype(np.float64)))
+    title = f"{pictures.name.replace('_', ' ')}: where the model looks for {cfg.labels[0]}, called positive at p >= {chosen[0]:.3f}"
+    save_gradcam_pictures(pictures, title, sample.images, result.heat[0], sample.boxes[:, 0], result.cases, probabilities)
+    return result.row, result.heat
+
+
+def sanity_check(model, sample, cfg: RunConfig, folder: Path) -> None:
+    """The randomisation sanity test after the last round: gradcam/sanity.csv, and a verdict on the fully randomised stage."""
+    stages = [(cfg.labels[j], name, r) for j in range(len(cfg.labels)) for name, r in randomisation_test(model, sample.images, j, cfg.seed)]
+    pd.DataFrame(stages, columns=["label", "randomised_down_to", "spearman_with_trained"]).to_csv(folder / "sanity.csv", index=False, float_format="%.4f")
+    for label in cfg.labels:
+        final = [r for l, _, r in stages if l == label][-1]
+        verdict = "the heatmaps depend on the learnt weights" if final < 0.5 else "WARNING: the heatmaps barely depend on the weights"
+        say(f"Grad-CAM randomisation test ({label}): fully randomised stage correlates {final:.2f} with the trained model: {verdict}")
