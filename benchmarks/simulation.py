@@ -24,7 +24,7 @@ RESULTS = PROJECT / "benchmarks" / "results"
 PNEUMONIAMNIST = PROJECT.parent / "shared" / "data" / "pneumoniamnist.npz"
 SCENARIOS = {
     "default": "",
-    "shortcut-hospital-1": "shortcut-hospital=1",
+    "shortcut-hospital-2": "shortcut-hospital=2",
     "pneumoniamnist-dirichlet": (
         f"data='{PNEUMONIAMNIST}' labels=pneumonia image-size=28 num-hospitals=5 partition=dirichlet dirichlet-alpha=0.5"
     ),

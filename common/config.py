@@ -60,7 +60,7 @@ class RunConfig:
     target_sensitivity: float = _setting(0.8, lambda v: 0 < v < 1, "a number in (0, 1)", "sensitivity the operating point must reach, chosen on pooled validation")
     min_histogram_images: int = _setting(20, lambda v: v >= 0, "an integer >= 0", "a site with fewer validation images sends counts but no histograms")
     gradcam_images: int = _setting(96, lambda v: v >= 0, "an integer >= 0 (0: off)", "held-out images the Grad-CAM checks look at each round")
-    gradcam_border_threshold: float = _setting(0.4, lambda v: 0 < v <= 1, "a number in (0, 1]", "border energy above which a hospital's held-out images raise a shortcut warning")
+    gradcam_border_threshold: float = _setting(0.5, lambda v: 0 < v <= 1, "a number in (0, 1]", "border energy above which a hospital's held-out images raise a shortcut warning")
     shortcut_hospital: int = _setting(-1, lambda v: v >= -1, "a hospital index, or -1 for none", "simulated shortcut: a marker in one corner of this hospital's positive images")
     histogram_bins: int = _setting(400, lambda v: 10 <= v <= 10_000, "an integer in [10, 10000]", "score-histogram bins")
     seed: int = _setting(42, lambda v: v >= 0, "an integer >= 0", "seed for data, splits and initial weights")

@@ -39,11 +39,6 @@ class ImageSet:
         return ImageSet(self.images[rows], self.labels[rows], self.boxes[rows], self.source[rows])
 
 
-def concat(sets: list[ImageSet]) -> ImageSet:
-    """Several image sets as one, in order."""
-    return ImageSet(*(np.concatenate([getattr(s, f) for s in sets]) for f in ("images", "labels", "boxes", "source")))
-
-
 def to_model_input(images: np.ndarray, size: int) -> np.ndarray:
     """uint8 or float images (n, h, w[, c]) as float32 (n, size, size, c) in [0, 1], resized when needed."""
     if images.ndim == 3:

@@ -21,11 +21,6 @@ def bin_edges(n_bins: int) -> np.ndarray:
     return np.linspace(-LOGIT_RANGE, LOGIT_RANGE, n_bins - 1)
 
 
-def logit(probability: float) -> float:
-    """The logit of a probability."""
-    return math.log(probability / (1.0 - probability))
-
-
 def score_histograms(logits: np.ndarray, labels: np.ndarray, n_bins: int) -> tuple[np.ndarray, np.ndarray]:
     """Per-label histograms (n_labels, n_bins) int64 of logits (n, n_labels) for positives and for negatives."""
     bins = np.searchsorted(bin_edges(n_bins), logits, side="right")  # (n, n_labels), bin b holds edges[b-1] <= z < edges[b]

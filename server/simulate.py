@@ -14,6 +14,7 @@ import json
 import os
 import shlex
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -210,6 +211,8 @@ def main(argv: list[str] | None = None) -> int:
     )  # fmt: skip
     parser.add_argument("--run-config", "-c", action="append", default=[], help="space-separated key=value run settings")
     args = parser.parse_args(argv)
+    # A SIGTERM (a scheduler, `kill`) unwinds like Ctrl-C, so the SuperLink and everything it started are stopped too.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     started = time.time()
     try:
         cfg = prepare(parse_overrides(args.run_config))
