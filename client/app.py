@@ -14,10 +14,10 @@ from common import wire
 from common.config import RunConfig, parse_run_config
 from common.data import ImageSet
 from common.metrics import figures, statistics
-from common.site_report import append_site_report
 from common.model import build_model, reset_optimizer
 from common.partition import hospital_data
 from common.runtime import configure_tensorflow
+from common.site_report import append_site_report
 
 app = ClientApp()
 
