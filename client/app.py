@@ -3,21 +3,28 @@
 from __future__ import annotations
 
 import functools
+import os
+import warnings
 from pathlib import Path
 
-import keras
-import numpy as np
-from flwr.app import Context, Message
-from flwr.clientapp import ClientApp
+# Before TensorFlow loads in this worker: its C++ info and warning lines repeat in every worker of a simulation and
+# bury the progress lines (errors still print). An operator's own setting wins.
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+warnings.filterwarnings("ignore", message="__array__ implementation doesn't accept a copy keyword", category=DeprecationWarning)
 
-from common import wire
-from common.config import RunConfig, parse_run_config
-from common.data import ImageSet
-from common.metrics import figures, statistics
-from common.model import build_model, reset_optimizer
-from common.partition import hospital_data
-from common.runtime import configure_tensorflow
-from common.site_report import append_site_report
+import keras  # noqa: E402
+import numpy as np  # noqa: E402
+from flwr.app import Context, Message  # noqa: E402
+from flwr.clientapp import ClientApp  # noqa: E402
+
+from common import wire  # noqa: E402
+from common.config import RunConfig, parse_run_config  # noqa: E402
+from common.data import ImageSet  # noqa: E402
+from common.metrics import figures, statistics  # noqa: E402
+from common.model import build_model, reset_optimizer  # noqa: E402
+from common.partition import hospital_data  # noqa: E402
+from common.runtime import configure_tensorflow  # noqa: E402
+from common.site_report import append_site_report  # noqa: E402
 
 app = ClientApp()
 
