@@ -34,11 +34,21 @@ def score_histograms(logits: np.ndarray, labels: np.ndarray, n_bins: int) -> tup
     return pos, neg
 
 
+def to_logit(probability: float | np.ndarray) -> np.ndarray:
+    """The logit of a probability (per element); -inf at 0, +inf at 1."""
+    p = np.asarray(probability, np.float64)
+    with np.errstate(divide="ignore"):
+        return np.log(p) - np.log1p(-p)
+
+
+def to_probability(logits: np.ndarray) -> np.ndarray:
+    """The sigmoid of logits (per element), in float64."""
+    return 1.0 / (1.0 + np.exp(-np.asarray(logits, np.float64)))
+
+
 def confusion_counts(logits: np.ndarray, labels: np.ndarray, threshold: float | np.ndarray) -> np.ndarray:
     """Counts (n_labels, 4) int64 in TP, FP, TN, FN order, calling positive where probability >= threshold (per label)."""
-    with np.errstate(divide="ignore"):
-        cut = np.log(np.asarray(threshold, np.float64)) - np.log1p(-np.asarray(threshold, np.float64))  # logit; -inf at 0
-    predicted = logits >= cut  # (n, n_labels)
+    predicted = logits >= to_logit(threshold)  # (n, n_labels)
     actual = labels == 1
     return np.stack(
         [(predicted & actual).sum(0), (predicted & ~actual).sum(0), (~predicted & ~actual).sum(0), (~predicted & actual).sum(0)],
@@ -100,7 +110,7 @@ def clinical_figures(counts: np.ndarray) -> dict[str, float]:
     """Sensitivity, specificity, PPV, NPV, F1 and accuracy of one label's counts (4,); NaN where undefined."""
     tp, fp, tn, fn = (float(v) for v in counts)
     return {
-        "sensitivity": _ratio(tp, tp + fn), "specificity": _ratio(tn, tn + fp), "ppv": _ratio(tp, tp + fp),
+        "sensitivity": sensitivity(counts), "specificity": specificity(counts), "ppv": _ratio(tp, tp + fp),
         "npv": _ratio(tn, tn + fn), "f1": _ratio(2 * tp, 2 * tp + fp + fn), "accuracy": _ratio(tp + tn, tp + fp + tn + fn),
     }  # fmt: skip
 
@@ -174,7 +184,7 @@ def operating_point(pos: np.ndarray, neg: np.ndarray, target: float, labels: tup
             thresholds.append(float("nan"))
             specs.append(float("nan"))
             continue
-        thresholds.append(0.0 if edge < 0 else float(1.0 / (1.0 + np.exp(-edges[edge]))))
+        thresholds.append(0.0 if edge < 0 else float(to_probability(edges[edge])))
         specs.append(rates_at_edge(pos[j], neg[j], edge)[1])
     # A threshold is per label: with several labels its unsuffixed column stays empty rather than averaging thresholds.
     out = per_label("threshold_at_target_sensitivity", thresholds, labels) | per_label("specificity_at_target_sensitivity", specs, labels)

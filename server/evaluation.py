@@ -10,7 +10,9 @@ import numpy as np
 from common.config import RunConfig
 from common.data import ImageSet
 from common.gradcam import border_energy, energy_in_boxes, grid_cell, gradcam, pointing_hits, rank_correlation
-from common.metrics import brier_score, clinical_figures, confusion_counts, delong_ci, figures, per_label, statistics
+from common.metrics import (
+    brier_score, clinical_figures, confusion_counts, delong_ci, figures, per_label, statistics, to_logit, to_probability,
+)  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -30,7 +32,7 @@ def evaluate_heldout(model: keras.Model, heldout: ImageSet, cfg: RunConfig, thre
     row = figures(*statistics(logits, labels, cfg.threshold, cfg.histogram_bins), names)
     cis = [delong_ci(logits[:, j], labels[:, j]) for j in range(len(names))]
     row |= per_label("auc_ci_low", [c[1] for c in cis], names) | per_label("auc_ci_high", [c[2] for c in cis], names)
-    probabilities = 1.0 / (1.0 + np.exp(-logits.astype(np.float64)))
+    probabilities = to_probability(logits)
     row |= per_label("brier", [brier_score(probabilities[:, j], labels[:, j]) for j in range(len(names))], names)
     counts = None
     if thresholds is not None and not np.isnan(thresholds).all():
@@ -64,7 +66,7 @@ def gradcam_check(
     names = cfg.labels
     heat = np.stack([gradcam(model, sample.images, j) for j in range(len(names))])  # (n_labels, n, H, W)
     tolerance = grid_cell(model)
-    called = logits >= np.log(thresholds) - np.log1p(-thresholds)  # (n, n_labels)
+    called = logits >= to_logit(thresholds)  # (n, n_labels)
     pointing, in_box, border, drift, zero, n_tp = [], [], [], [], [], []
     for j in range(len(names)):
         truth = sample.labels[:, j] == 1

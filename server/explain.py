@@ -19,6 +19,7 @@ import pandas as pd
 from PIL import Image, UnidentifiedImageError
 
 from common.gradcam import gradcam, randomisation_test
+from common.metrics import to_probability
 from server.plots import overlay
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg"}
@@ -63,7 +64,7 @@ def explain(model_path: Path, folder: Path, out: Path, sanity: bool) -> pd.DataF
             rows.append({"file": path.name, "error": f"unreadable: {exc}"})
     if images:
         batch = np.stack(images)  # (n, h, w, c)
-        probabilities = 1.0 / (1.0 + np.exp(-model.predict(batch, verbose=0).astype(np.float64)))  # (n, n_labels)
+        probabilities = to_probability(model.predict(batch, verbose=0))  # (n, n_labels)
         for j, name in enumerate(names):
             heat = gradcam(model, batch, j)  # (n, h, w)
             for i, path in enumerate(readable):

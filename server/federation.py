@@ -16,6 +16,7 @@ from flwr.serverapp import Grid
 from common import wire
 from common.config import RunConfig
 from common.gradcam import randomisation_test
+from common.metrics import to_probability
 from common.model import build_model, load_initial_weights
 from common.partition import heldout_set
 from server.evaluation import evaluate_heldout, gradcam_check, gradcam_sample, gradcam_warning
@@ -128,7 +129,7 @@ def check_where_it_looks(model, sample, logits, thresholds, cfg: RunConfig, prev
     except ValueError as exc:
         say(f"Grad-CAM check skipped: {exc}")
         return {"gradcam_error": str(exc)}, previous
-    probabilities = 1.0 / (1.0 + np.exp(-logits[:, 0].astype(np.float64)))
+    probabilities = to_probability(logits[:, 0])
     title = f"{pictures.name.replace('_', ' ')}: where the model looks for {cfg.labels[0]}, called positive at p >= {chosen[0]:.3f}"
     save_gradcam_pictures(pictures, title, sample.images, result.heat[0], sample.boxes[:, 0], result.cases, probabilities)
     return result.row, result.heat

@@ -12,7 +12,7 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 from PIL import Image, ImageDraw  # noqa: E402
 
-from common.metrics import reliability, roc_from_histograms, score_histograms  # noqa: E402
+from common.metrics import reliability, roc_from_histograms, score_histograms, to_probability  # noqa: E402
 
 
 def plot_history(history: pd.DataFrame, sites: pd.DataFrame, path: Path) -> None:
@@ -80,7 +80,7 @@ def plot_round(
             ax_cm.set_title(f"{label}: held-out at threshold {thresholds[j]:.3f}\n(chosen on pooled validation)", fontsize=10)
         else:
             ax_cm.axis("off")
-        probabilities = 1.0 / (1.0 + np.exp(-logits[:, j].astype(np.float64)))
+        probabilities = to_probability(logits[:, j])
         predicted, observed, counts = reliability(probabilities, truth[:, j])
         shown = counts > 0
         ax_rel.plot([0, 1], [0, 1], color="grey", lw=0.6, label="perfect calibration")

@@ -111,7 +111,9 @@ def test_bad_settings_stop_before_anything_starts(tmp_path, capfd, setting, mess
 
 def test_a_three_finding_simulation_reports_every_figure_per_label(tmp_path, capfd):
     settings = f"{SMALL} num-server-rounds=1 labels='nodule,basal_opacity,cardiomegaly' output-dir='{tmp_path}' run-name='multi'"
+    before = {p.pid for p in _flower_processes()}
     assert simulate.main(["-c", settings]) == 0, capfd.readouterr().err
+    assert {p.pid for p in _flower_processes()} <= before
     history = pd.read_csv(tmp_path / "multi" / "history.csv")
     sites = pd.read_csv(tmp_path / "multi" / "sites.csv")
     for label in ("nodule", "basal_opacity", "cardiomegaly"):
