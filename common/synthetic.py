@@ -72,23 +72,23 @@ def lesion_centre_and_radius(rng: np.random.Generator, size: int, lungs: list) -
     return cy + r * (ay - radius) * np.sin(theta), cx + r * (ax - radius) * np.cos(theta), radius
 
 
-def _paint_nodule(img: np.ndarray, rng: np.random.Generator, lungs: list) -> np.ndarray:
-    """Add a nodule-like lesion inside a lung field at the pinned difficulty; returns its box."""
+def _paint_nodule(img: np.ndarray, rng: np.random.Generator, lungs: list, fade: float) -> np.ndarray:
+    """Add a nodule-like lesion inside a lung field at the pinned difficulty times `fade`; returns its box."""
     size = img.shape[0]
     cy, cx, radius = lesion_centre_and_radius(rng, size, lungs)
-    peak = rng.uniform(*LESION_CONTRAST) * NOISE_STD
+    peak = fade * rng.uniform(*LESION_CONTRAST) * NOISE_STD
     yy, xx = np.mgrid[0:size, 0:size].astype(np.float32) + 0.5
     # Full peak contrast across the disc, a one-pixel soft edge at the radius.
     img += peak * np.clip(radius + 0.5 - np.sqrt((yy - cy) ** 2 + (xx - cx) ** 2), 0.0, 1.0)
     return np.array([cy - radius, cx - radius, cy + radius, cx + radius], np.float32)
 
 
-def _paint_basal_opacity(img: np.ndarray, rng: np.random.Generator, lungs: list) -> np.ndarray:
-    """Add a hazy opacity filling the base (lowest quarter to two fifths) of one lung field; returns its box."""
+def _paint_basal_opacity(img: np.ndarray, rng: np.random.Generator, lungs: list, fade: float) -> np.ndarray:
+    """Add a hazy opacity filling the base (lowest quarter to two fifths) of one lung field, its contrast times `fade`; returns its box."""
     size = img.shape[0]
     cy, cx, ay, ax = lungs[rng.integers(2)]
     top = cy + ay * (1 - 2 * rng.uniform(0.25, 0.4))
-    peak = rng.uniform(*LESION_CONTRAST) * NOISE_STD
+    peak = fade * rng.uniform(*LESION_CONTRAST) * NOISE_STD
     yy, xx = np.mgrid[0:size, 0:size].astype(np.float32) + 0.5
     region = _inside(yy, xx, (cy, cx, ay, ax)) & (yy >= top)
     img += np.where(region, peak * np.clip((yy - top) / 2.0, 0.0, 1.0), 0.0).astype(np.float32)
@@ -108,8 +108,12 @@ SINGLE = ("lesion",)
 MULTI = ("nodule", "basal_opacity", "cardiomegaly")  # the 3-finding mode
 
 
-def make_image(seed: int, index: int, labels: tuple[int, ...], size: int = 64, findings: tuple[str, ...] = SINGLE) -> tuple[np.ndarray, np.ndarray]:
-    """Image `index` of data set `seed`: (size, size) float32 in [0, 1] and a box (y0, x0, y1, x1) per finding, NaN if absent."""
+def make_image(
+    seed: int, index: int, labels: tuple[int, ...], size: int = 64, findings: tuple[str, ...] = SINGLE, fade: float = 1.0
+) -> tuple[np.ndarray, np.ndarray]:
+    """Image `index` of data set `seed`: (size, size) float32 in [0, 1] and a box (y0, x0, y1, x1) per finding, NaN if absent.
+
+    `fade` scales the contrast of the painted findings (nodule, basal opacity); 1 keeps the pinned difficulty."""
     if findings not in (SINGLE, MULTI):
         raise ValueError(f"the built-in data has the findings {SINGLE} or {MULTI}, not {findings}")
     rng = np.random.default_rng([seed, index])
@@ -127,20 +131,23 @@ def make_image(seed: int, index: int, labels: tuple[int, ...], size: int = 64, f
             # Each finding draws from a stream of its own, so one finding's label never moves another's.
             finding_rng = np.random.default_rng([seed, index, 0xF1D + j])
             if labels[j]:
-                boxes[j] = FINDINGS[finding](img, finding_rng, lungs)
+                boxes[j] = FINDINGS[finding](img, finding_rng, lungs, fade)
     # Noise from a stream of its own: an image differs from its finding-free twin by the findings alone.
     img += np.random.default_rng([seed, index, 0x4015E]).normal(0.0, NOISE_STD, img.shape).astype(np.float32)
     return np.clip(img, 0.0, 1.0), boxes
 
 
 def make_images(
-    seed: int, indices: np.ndarray, labels: np.ndarray, size: int = 64, findings: tuple[str, ...] = SINGLE
+    seed: int, indices: np.ndarray, labels: np.ndarray, size: int = 64, findings: tuple[str, ...] = SINGLE, fade: np.ndarray | None = None
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Images for the given indices and labels (n, n_findings): (n, size, size, 1) float32 and boxes (n, n_findings, 4)."""
+    """Images for the given indices and labels (n, n_findings): (n, size, size, 1) float32 and boxes (n, n_findings, 4).
+
+    `fade` (n,), if given, scales each image's finding contrast (see make_image)."""
     images = np.empty((len(indices), size, size, 1), np.float32)
     boxes = np.empty((len(indices), len(findings), 4), np.float32)
+    fade = np.ones(len(indices)) if fade is None else fade
     for row, index in enumerate(indices):
-        images[row, :, :, 0], boxes[row] = make_image(seed, int(index), tuple(labels[row]), size, findings)
+        images[row, :, :, 0], boxes[row] = make_image(seed, int(index), tuple(labels[row]), size, findings, float(fade[row]))
     return images, boxes
 
 

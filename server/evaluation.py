@@ -62,7 +62,8 @@ def gradcam_check(
     model: keras.Model, sample: ImageSet, logits: np.ndarray, thresholds: np.ndarray, cfg: RunConfig, previous: np.ndarray | None
 ) -> GradcamResult:
     """Where the model looks, per label: pointing-game hit rate and energy inside the box on true positives (where boxes
-    are known), energy in the border everywhere and per source hospital, drift since last round, all-zero maps."""
+    are known); energy in the border, overall and per source hospital, on the images the model calls positive (where
+    it says it sees the finding; a negative's map shows no evidence, only noise); drift since last round; all-zero maps."""
     names = cfg.labels
     heat = np.stack([gradcam(model, sample.images, j) for j in range(len(names))])  # (n_labels, n, H, W)
     tolerance = grid_cell(model)
@@ -74,10 +75,10 @@ def gradcam_check(
         n_tp.append(int(tp.sum()))
         pointing.append(float(pointing_hits(heat[j][tp], sample.boxes[tp, j], tolerance).mean()) if tp.any() else float("nan"))
         in_box.append(float(energy_in_boxes(heat[j][tp], sample.boxes[tp, j]).mean()) if tp.any() else float("nan"))
-        border.append(border_energy(heat[j]))
+        border.append(np.where(called[:, j], border_energy(heat[j]), np.nan))  # (n,)
         zero.append(int((heat[j].reshape(len(sample), -1).max(axis=1) == 0).sum()))
         drift.append(1.0 - rank_correlation(heat[j], previous[j]) if previous is not None else float("nan"))
-    per_image_border = _mean_defined(np.stack(border), axis=0)  # (n,) over labels; NaN where every map is all-zero
+    per_image_border = _mean_defined(np.stack(border), axis=0)  # (n,) over the labels called; NaN where none is, or all-zero maps
     row = (
         per_label("pointing", pointing, names) | per_label("energy_in_box", in_box, names)
         | per_label("border_energy", [float(_mean_defined(b, axis=0)) for b in border], names)

@@ -40,6 +40,7 @@ def _sample(corner_for: int | None = None) -> ImageSet:
 def test_a_model_that_looks_at_the_lesion_points_at_it_and_raises_no_warning():
     cfg = parse_run_config({"image-size": 20})
     model, sample = _spot_model(), _sample()
+    sample.images[4, 0:2, 0:2] = 0.4  # a dim corner on a negative the model calls negative: its map is not evidence
     held = evaluate_heldout(model, sample, cfg, thresholds=np.array([0.5]))
     assert held.row["heldout_auc"] == 1.0 and held.row["heldout_sensitivity_at_threshold"] == 1.0
     result = gradcam_check(model, sample, held.logits, np.array([0.5]), cfg, previous=None)

@@ -121,5 +121,14 @@ def test_the_shortcut_marker_sits_on_one_hospitals_positive_images_and_its_heldo
     heldout = heldout_set(cfg)
     marked = (heldout.images[:, 1 : 1 + side, 1 : 1 + side, 0] == 1.0).all(axis=(1, 2))
     assert np.array_equal(marked, (heldout.source == 1) & (heldout.labels[:, 0] == 1))
+    # There the lesion is fainter (SHORTCUT_FADE of its contrast), so the tag is the easier cue; elsewhere nothing changes.
+    clean = hospital_data(_cfg(**{"num-hospitals": 3, "images-per-hospital": 40}), 1)[0]
+    tagged = hospital_data(cfg, 1)[0]
+    for i in np.flatnonzero(tagged.labels[:, 0] == 1):
+        y0, x0, y1, x1 = np.round(tagged.boxes[i, 0]).astype(int)
+        lesion = np.s_[max(y0, 0) : y1, max(x0, 0) : x1]
+        assert tagged.images[i][lesion].mean() < clean.images[i][lesion].mean(), i
+    negatives = tagged.labels[:, 0] == 0
+    assert np.array_equal(tagged.images[negatives], clean.images[negatives])
     with pytest.raises(ConfigError, match="'shortcut-hospital' = 3"):
         _cfg(**{"num-hospitals": 3, "shortcut-hospital": 3})
