@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import os
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 
 # Before TensorFlow loads in this worker: its C++ info and warning lines repeat in every worker of a simulation and
@@ -14,16 +15,17 @@ warnings.filterwarnings("ignore", message="__array__ implementation doesn't acce
 
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
+import tensorflow as tf  # noqa: E402
 from flwr.app import Context, Message  # noqa: E402
 from flwr.clientapp import ClientApp  # noqa: E402
 
 from common import wire  # noqa: E402
-from common.config import RunConfig, parse_run_config  # noqa: E402
-from common.data import ImageSet  # noqa: E402
+from common.config import Augmentation, DicomSettings, RunConfig, parse_run_config  # noqa: E402
 from common.metrics import figures, statistics  # noqa: E402
-from common.model import build_model, reset_optimizer  # noqa: E402
-from common.partition import hospital_data  # noqa: E402
+from common.model import build_model, class_weights, reset_optimizer, set_class_weights  # noqa: E402
+from common.pipeline import dataset  # noqa: E402
 from common.runtime import configure_tensorflow  # noqa: E402
+from common.site_data import SiteData, hospital_site  # noqa: E402
 from common.site_report import append_site_report  # noqa: E402
 
 app = ClientApp()
@@ -35,42 +37,57 @@ def _run_config(items: tuple) -> RunConfig:
     return parse_run_config(dict(items))
 
 
+@dataclass(frozen=True)
+class _Site:
+    """A hospital's data and its input pipelines, kept while the worker serves it (a cached pipeline keeps its images)."""
+
+    data: SiteData
+    train: tf.data.Dataset
+    val: tf.data.Dataset
+
+
 @functools.lru_cache(maxsize=16)
-def _site(cfg: RunConfig, hospital: int) -> tuple[str, ImageSet, ImageSet]:
-    """(site name, train, validation) of a simulated hospital, kept while the worker serves it."""
-    train, val = hospital_data(cfg, hospital)
-    return f"hospital-{hospital}", train, val
+def _site(cfg: RunConfig, node_config: tuple) -> _Site:
+    """This node's site: read, checked and split once per worker."""
+    data, site = hospital_site(cfg, dict(node_config))
+    augmentation, dicom = (site.augmentation, site.dicom) if site is not None else (Augmentation(), DicomSettings())
+    seed = cfg.seed + (site.seed if site is not None else 0)
+    train = dataset(data.train, cfg, training=True, seed=seed, augmentation=augmentation, dicom=dicom)
+    return _Site(data, train, dataset(data.val, cfg, training=False, dicom=dicom))
 
 
 @functools.lru_cache(maxsize=1)
-def _model(name: str, input_shape: tuple[int, int, int], n_labels: int, learning_rate: float) -> keras.Model:
+def _model(cfg: RunConfig) -> keras.Model:
     """The compiled model, built once per worker and reused across rounds and hospitals."""
     keras.backend.clear_session()  # a new architecture: drop the graphs of the previous one
-    return build_model(name, input_shape, n_labels, learning_rate)
+    gamma = cfg.focal_gamma if cfg.loss == "focal" else 0.0
+    return build_model(cfg.model, (cfg.image_size, cfg.image_size, cfg.channels), len(cfg.labels), cfg.learning_rate, gamma)
 
 
-def _setup(msg: Message, context: Context) -> tuple[RunConfig, str, ImageSet, ImageSet, keras.Model]:
+def _setup(msg: Message, context: Context) -> tuple[RunConfig, _Site, keras.Model]:
     """Parse the run, load this hospital's data and the global weights into the worker's model."""
     cfg = _run_config(tuple(sorted(context.run_config.items())))
     configure_tensorflow(cfg.threads_per_client)
-    hospital = int(context.node_config["partition-id"])
-    site, train, val = _site(cfg, hospital)
-    model = _model(cfg.model, train.images.shape[1:], len(cfg.labels), cfg.learning_rate)
-    weights = msg.content[wire.ARRAYS].to_numpy_ndarrays()
-    model.set_weights(weights)
-    return cfg, site, train, val, model
+    site = _site(cfg, tuple(sorted(context.node_config.items())))
+    model = _model(cfg)
+    model.set_weights(msg.content[wire.ARRAYS].to_numpy_ndarrays())
+    return cfg, site, model
 
 
 @app.train()
 def train(msg: Message, context: Context) -> Message:
-    """Fit the global model on this hospital's training images and send back weights, image count and loss."""
-    cfg, site, train_set, _, model = _setup(msg, context)
+    """Fit the global model on this hospital's training images and send back weights, image count, loss and the number
+    of files it skipped as unreadable."""
+    cfg, site, model = _setup(msg, context)
     reset_optimizer(model)
-    history = model.fit(
-        train_set.images, train_set.labels.astype(np.float32), epochs=cfg.local_epochs, batch_size=cfg.batch_size, shuffle=True, verbose=0
-    )
+    labels = site.data.train.labels
+    if cfg.class_weighting == "balanced":
+        set_class_weights(model, *class_weights(labels))
+    else:
+        set_class_weights(model, np.ones(labels.shape[1]), np.ones(labels.shape[1]))
+    history = model.fit(site.train, epochs=cfg.local_epochs, shuffle=False, verbose=0)  # the pipeline shuffles
     loss = float(history.history["loss"][-1])
-    content = wire.pack_train_reply(site, cfg.labels, model.get_weights(), len(train_set), loss)
+    content = wire.pack_train_reply(site.data.name, cfg.labels, model.get_weights(), len(labels), loss, len(site.data.unreadable))
     return Message(content=content, reply_to=msg)
 
 
@@ -80,12 +97,14 @@ def evaluate(msg: Message, context: Context) -> Message:
 
     The hospital keeps its own report of how the global model does on its patients, round by round.
     """
-    cfg, site, _, val, model = _setup(msg, context)
-    logits = model.predict(val.images, batch_size=256, verbose=0)  # (n, n_labels)
+    cfg, site, model = _setup(msg, context)
+    val = site.data.val
+    logits = model.predict(site.val, verbose=0)  # (n, n_labels), in the order of val
     counts, pos, neg = statistics(logits, val.labels, cfg.threshold, cfg.histogram_bins)
     config = msg.content.config_records.get("config", {})
     if wire.RUN_FOLDER in config:
-        append_site_report(Path(config[wire.RUN_FOLDER]) / "hospitals" / site, int(config["server-round"]), len(val), figures(counts, pos, neg, cfg.labels))
+        folder = Path(config[wire.RUN_FOLDER]) / "hospitals" / site.data.name
+        append_site_report(folder, int(config["server-round"]), len(val), figures(counts, pos, neg, cfg.labels), site.data.unreadable)
     if len(val) < cfg.min_histogram_images:  # too few patients: fine bins would come close to listing their scores
         pos = neg = None
-    return Message(content=wire.pack_evaluate_reply(site, cfg.labels, len(val), counts, pos, neg), reply_to=msg)
+    return Message(content=wire.pack_evaluate_reply(site.data.name, cfg.labels, len(val), counts, pos, neg), reply_to=msg)

@@ -114,9 +114,10 @@ def _pool_images(cfg: RunConfig, rows: np.ndarray, labels: np.ndarray, hospital:
     """Images (n, s, s, c) and boxes (n, n_labels, 4) of the given pool rows of `hospital`, made or read only for those rows."""
     if cfg.data_path is None:
         fade = _finding_fade(labels[rows], np.full(len(rows), hospital), cfg)
-        return synthetic.make_images(cfg.seed, rows, labels[rows], cfg.image_size, cfg.labels, fade)
+        images, boxes = synthetic.make_images(cfg.seed, rows, labels[rows], cfg.image_size, cfg.labels, fade)
+        return to_model_input(images, cfg.image_size, cfg.channels), boxes
     images = np.concatenate([load_npz_split(cfg.data_path, split, len(cfg.labels))[0] for split in ("train", "val")])
-    return to_model_input(images[rows], cfg.image_size), np.full((len(rows), len(cfg.labels), 4), np.nan, np.float32)
+    return to_model_input(images[rows], cfg.image_size, cfg.channels), np.full((len(rows), len(cfg.labels), 4), np.nan, np.float32)
 
 
 def hospital_data(cfg: RunConfig, hospital: int) -> tuple[ImageSet, ImageSet]:
@@ -140,13 +141,14 @@ def heldout_set(cfg: RunConfig) -> ImageSet:
         images, labels = load_npz_split(cfg.data_path, "test", len(cfg.labels))
         n = len(images)
         boxes = np.full((n, len(cfg.labels), 4), np.nan, np.float32)
-        return ImageSet(to_model_input(images, cfg.image_size), labels, boxes, np.full(n, -1, np.int16))
+        return ImageSet(to_model_input(images, cfg.image_size, cfg.channels), labels, boxes, np.full(n, -1, np.int16))
     check_builtin_labels(cfg)
     seed = cfg.seed + HELDOUT_SEED_OFFSET
     labels = synthetic.sample_labels(seed, cfg.heldout_images, cfg.prevalence, len(cfg.labels))
     source = (np.arange(cfg.heldout_images) % cfg.num_hospitals).astype(np.int16)
     fade = _finding_fade(labels, source, cfg)
     images, boxes = synthetic.make_images(seed, np.arange(cfg.heldout_images), labels, cfg.image_size, cfg.labels, fade)
+    images = to_model_input(images, cfg.image_size, cfg.channels)
     for hospital in range(cfg.num_hospitals):
         rows = source == hospital
         rng = np.random.default_rng([seed, 0x1A6E, hospital])

@@ -1,6 +1,7 @@
 """What crosses the wire: the record keys, packing replies on a client, and validating them where they arrive.
 
-A train reply holds the site's new weights, its number of training images and its mean training loss; an
+A train reply holds the site's new weights, its number of training images, its mean training loss and the number of
+files it skipped as unreadable; an
 evaluate reply holds its number of validation images, its confusion counts at the run's threshold and, per label,
 histograms of its logits for positives and negatives. Both carry the site's name (Flower's aggregation hooks do not
 say which hospital a reply came from). Nothing else leaves a hospital: no image, no per-patient score.
@@ -23,11 +24,12 @@ RUN_FOLDER = "run-folder"  # server -> client, in the ConfigRecord "config": whe
 
 NUM_EXAMPLES = "num-examples"  # images, never batches: FedAvg weighs by it
 TRAIN_LOSS = "train-loss"
+SKIPPED = "skipped-files"  # files the site left out as unreadable (skip-unreadable): a count only
 CONFUSION = "confusion"  # (n_labels, 4) TP, FP, TN, FN, flattened
 HIST_POS = "hist-pos"  # (n_labels, n_bins), flattened
 HIST_NEG = "hist-neg"
 
-TRAIN_METRIC_KEYS = frozenset({NUM_EXAMPLES, TRAIN_LOSS})
+TRAIN_METRIC_KEYS = frozenset({NUM_EXAMPLES, TRAIN_LOSS, SKIPPED})
 EVALUATE_METRIC_KEYS = frozenset({NUM_EXAMPLES, CONFUSION, HIST_POS, HIST_NEG})
 COUNTS_ONLY_METRIC_KEYS = frozenset({NUM_EXAMPLES, CONFUSION})  # a site below min-histogram-images sends no histograms
 
@@ -43,6 +45,7 @@ class TrainReply:
     site: str
     num_examples: int
     train_loss: float
+    skipped: int  # unreadable files the site left out
     weights: list[np.ndarray]
 
 
@@ -62,12 +65,14 @@ def _site_record(site: str, labels: tuple[str, ...]) -> ConfigRecord:
     return ConfigRecord({SITE_NAME: site, SITE_LABELS: list(labels)})
 
 
-def pack_train_reply(site: str, labels: tuple[str, ...], weights: list[np.ndarray], num_examples: int, train_loss: float) -> RecordDict:
+def pack_train_reply(
+    site: str, labels: tuple[str, ...], weights: list[np.ndarray], num_examples: int, train_loss: float, skipped: int = 0
+) -> RecordDict:
     """The content of a train reply."""
     return RecordDict(
         {
             ARRAYS: ArrayRecord(weights),
-            METRICS: MetricRecord({NUM_EXAMPLES: int(num_examples), TRAIN_LOSS: float(train_loss)}),
+            METRICS: MetricRecord({NUM_EXAMPLES: int(num_examples), TRAIN_LOSS: float(train_loss), SKIPPED: int(skipped)}),
             SITE: _site_record(site, labels),
         }
     )
@@ -122,7 +127,10 @@ def parse_train_reply(content: RecordDict, shapes: list[tuple[int, ...]], labels
     loss = metrics[TRAIN_LOSS]
     if not isinstance(loss, float) or not math.isfinite(loss):
         raise ReplyError(f"{TRAIN_LOSS} = {loss!r}: expected a finite number")
-    return TrainReply(site, metrics[NUM_EXAMPLES], loss, weights)
+    skipped = metrics[SKIPPED]
+    if not isinstance(skipped, int) or skipped < 0:
+        raise ReplyError(f"{SKIPPED} = {skipped!r}: expected a count >= 0")
+    return TrainReply(site, metrics[NUM_EXAMPLES], loss, skipped, weights)
 
 
 def _int_array(metrics: MetricRecord, key: str, shape: tuple[int, int]) -> np.ndarray:

@@ -18,7 +18,7 @@ from common.config import RunConfig
 from common.gradcam import randomisation_test
 from common.metrics import to_probability
 from common.model import build_model, load_initial_weights
-from common.partition import heldout_set
+from common.site_data import server_heldout
 from server.evaluation import evaluate_heldout, gradcam_check, gradcam_sample, gradcam_warning
 from server.history import fmt, run_folder, save_model, write_tables
 from server.plots import plot_round, save_gradcam_pictures
@@ -42,7 +42,7 @@ def run_federation(grid: Grid, cfg: RunConfig) -> None:
     (folder / "plots").mkdir()
     say(f"run folder: {folder}")
     keras.utils.set_random_seed(cfg.seed)
-    heldout = heldout_set(cfg)
+    heldout = server_heldout(cfg)
     model = build_model(cfg.model, heldout.images.shape[1:], len(cfg.labels), cfg.learning_rate)
     if cfg.initial_weights:
         load_initial_weights(model, cfg.initial_weights)

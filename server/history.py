@@ -54,11 +54,11 @@ def write_tables(folder: Path, rows: list[dict[str, Any]], site_rows: list[dict[
 
 
 def save_model(model: keras.Model, path: Path) -> None:
-    """Save a model so that keras.models.load_model opens it; written beside and renamed, never left half-written."""
-    if model.optimizer is not None and not model.optimizer.built:
-        model.optimizer.build(model.trainable_variables)  # saved state then matches what load_model rebuilds
+    """Save a model's architecture and weights so that a plain keras.models.load_model opens it (no training state, no
+    custom loss to import); written beside and renamed, never left half-written."""
+    plain = keras.Model(model.inputs, model.outputs, name=model.name)  # the same layers, uncompiled: no loss, no Adam state
     partial = path.with_name(path.stem + ".partial.keras")
-    model.save(partial)
+    plain.save(partial)
     partial.replace(path)
 
 

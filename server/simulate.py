@@ -12,7 +12,6 @@ import argparse
 import contextlib
 import json
 import os
-import shlex
 import shutil
 import signal
 import socket
@@ -20,16 +19,19 @@ import subprocess
 import sys
 import tempfile
 import time
-import tomllib
 import urllib.request
 from pathlib import Path
 from typing import Any
 
 import psutil
 
-from common.config import ConfigError, RunConfig, config_to_dict, describe_settings, parse_run_config
+from common.config import (
+    ConfigError, RunConfig, config_to_dict, describe_settings, load_site_config, parse_overrides, parse_run_config, project_settings,
+    site_label_sources,
+)  # fmt: skip
 from common.data import DataError
 from common.partition import assign_hospitals, pool_labels
+from common.site_data import index_site
 
 PROJECT = Path(__file__).resolve().parent.parent
 CONNECTION = "fedimaging-simulation"
@@ -49,27 +51,6 @@ class RunFailed(RuntimeError):
     """The simulation did not complete; the message says why."""
 
 
-def default_settings() -> dict[str, Any]:
-    """The run settings of pyproject.toml's [tool.flwr.app.config]."""
-    with open(PROJECT / "pyproject.toml", "rb") as f:
-        return tomllib.load(f)["tool"]["flwr"]["app"]["config"]
-
-
-def parse_overrides(texts: list[str]) -> dict[str, Any]:
-    """'key=value' pairs (TOML values; bare words taken as strings), as `flwr run --run-config` takes them."""
-    overrides: dict[str, Any] = {}
-    for text in texts:
-        for pair in shlex.split(text):
-            key, sep, value = pair.partition("=")
-            if not sep or not key:
-                raise ConfigError(f"--run-config {pair!r}: expected key=value")
-            try:
-                overrides[key] = tomllib.loads(f"v = {value}")["v"]
-            except tomllib.TOMLDecodeError:
-                overrides[key] = value
-    return overrides
-
-
 def _toml_value(value: Any) -> str:
     """A str, bool, int or float as a TOML value."""
     return ("true" if value else "false") if isinstance(value, bool) else json.dumps(value)
@@ -84,8 +65,16 @@ def _free_port() -> int:
 
 def prepare(overrides: dict[str, Any]) -> RunConfig:
     """The checked run configuration, with the run named and every path absolute; raises ConfigError before anything starts."""
-    cfg = parse_run_config({**default_settings(), **overrides}, base_dir=PROJECT)
-    assign_hospitals(pool_labels(cfg), cfg)  # fails now, not in a client, if the data cannot be shared out
+    cfg = parse_run_config({**project_settings(), **overrides}, base_dir=PROJECT)
+    if cfg.sites:  # fails now, not in a client, if a site file is wrong or does not cover the run's labels
+        for path in cfg.sites:
+            site = load_site_config(path)
+            if site.layout != "npz":
+                index_site(site, cfg.labels)
+    else:
+        assign_hospitals(pool_labels(cfg), cfg)  # fails now, not in a client, if the data cannot be shared out
+    if cfg.heldout_site:
+        site_label_sources(load_site_config(cfg.heldout_site), cfg.labels)
     run_name = cfg.run_name or time.strftime("%Y%m%d-%H%M%S")
     folder = Path(cfg.output_dir) / run_name
     if folder.exists():

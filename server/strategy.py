@@ -24,6 +24,7 @@ class RoundRecord:
     """What one round's replies amounted to: who contributed, who failed and why, pooled and per-site figures."""
 
     trained: dict[str, int] = field(default_factory=dict)  # site -> training images
+    skipped: dict[str, int] = field(default_factory=dict)  # site -> unreadable files it left out (skip-unreadable)
     evaluated: list[str] = field(default_factory=list)
     failures: list[str] = field(default_factory=list)  # "site (phase): reason"
     n_rejected: int = 0  # replies that arrived but were invalid
@@ -106,6 +107,7 @@ class HospitalFedAvg(FedAvg):
         parse = lambda content: wire.parse_train_reply(content, self.weight_shapes, self.cfg.labels)  # noqa: E731
         accepted: list[wire.TrainReply] = self._accept("train", replies, parse)
         self.record.trained = {r.site: r.num_examples for r in accepted}
+        self.record.skipped = {r.site: r.skipped for r in accepted}
         if len(accepted) < self.cfg.min_hospitals:
             log.warning(
                 "round %d: %d valid train replies, fewer than min-hospitals = %d; the global model is kept",
@@ -138,8 +140,8 @@ class HospitalFedAvg(FedAvg):
             record.thresholds, op = operating_point(record.pos, record.neg, cfg.target_sensitivity, cfg.labels)
             record.row |= op
         record.sites = [
-            {"site": r.site, "n_train": record.trained.get(r.site, 0), "n_val": r.num_examples, "histograms": r.pos is not None,
-             **figures(r.counts, r.pos, r.neg, cfg.labels)}
+            {"site": r.site, "n_train": record.trained.get(r.site, 0), "n_val": r.num_examples,
+             **figures(r.counts, r.pos, r.neg, cfg.labels), "histograms": r.pos is not None, "skipped_files": record.skipped.get(r.site, 0)}
             for r in accepted
         ]  # fmt: skip
         record.row |= site_spread(record.sites)

@@ -55,6 +55,7 @@ def test_only_weights_counts_and_histograms_leave_a_hospital(small_cfg):
     assert all(a.size != image_size for a in sent_arrays)
     assert set(train[wire.METRICS].keys()) == wire.TRAIN_METRIC_KEYS
     assert isinstance(train[wire.METRICS][wire.NUM_EXAMPLES], int) and isinstance(train[wire.METRICS][wire.TRAIN_LOSS], float)
+    assert train[wire.METRICS][wire.SKIPPED] == 0  # a count only
 
     evaluate = replies[MessageType.EVALUATE].content
     assert set(evaluate.keys()) == {wire.METRICS, wire.SITE}

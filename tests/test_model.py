@@ -6,7 +6,7 @@ import keras
 import numpy as np
 import pytest
 
-from common.model import LAST_CONV, build_model, load_initial_weights, reset_optimizer
+from common.model import LAST_CONV, build_model, class_weights, load_initial_weights, reset_optimizer, set_class_weights
 
 
 @pytest.mark.parametrize("name", ["lightcnn", "seedcnn"])
@@ -18,7 +18,30 @@ def test_one_logit_per_label_and_a_named_last_convolution(name, n_labels):
     assert model.layers[-1].get_config().get("activation", "linear") == "linear"  # logits, not probabilities
     conv = model.get_layer(LAST_CONV)
     assert isinstance(conv, keras.layers.Conv2D)
-    assert model.loss.get_config()["from_logits"] is True
+    logits = np.array([[2.0] * n_labels, [-1.0] * n_labels], np.float32)
+    truth = np.array([[1] * n_labels, [1] * n_labels], np.float32)
+    expected = keras.losses.BinaryCrossentropy(from_logits=True, reduction=None)(truth, logits)
+    assert np.allclose(model.loss(truth, logits), np.mean(expected))  # the loss reads logits: plain BCE by default
+
+
+def test_balanced_class_weights_come_from_the_sites_own_counts():
+    labels = np.array([[1, 0], [0, 0], [0, 0], [0, 1]], np.uint8)  # label 0: 1 positive of 4; label 1: 1 of 4
+    pos, neg = class_weights(labels)
+    assert np.allclose(pos, [2.0, 2.0]) and np.allclose(neg, [4 / 6, 4 / 6])  # n / (2 n_class)
+    pos, neg = class_weights(np.zeros((5, 1), np.uint8))  # no positives at this site: nothing to weigh up
+    assert pos.tolist() == [1.0] and np.allclose(neg, [0.5])
+
+
+def test_weights_and_focal_term_scale_the_loss_as_defined():
+    truth, logits = np.array([[1.0], [0.0]], np.float32), np.array([[0.0], [3.0]], np.float32)
+    bce = keras.losses.BinaryCrossentropy(from_logits=True, reduction=None)(truth, logits).numpy()  # (2,)
+    model = build_model("lightcnn", (16, 16, 1), 1, 1e-3)
+    set_class_weights(model, np.array([3.0]), np.array([0.5]))
+    assert np.allclose(model.loss(truth, logits), (3.0 * bce[0] + 0.5 * bce[1]) / 2)
+    focal = build_model("lightcnn", (16, 16, 1), 1, 1e-3, focal_gamma=2.0)
+    p_true = np.array([0.5, 1 - 1 / (1 + np.exp(-3.0))])  # the probability each image's true class gets
+    assert np.allclose(focal.loss(truth, logits), np.mean((1 - p_true) ** 2 * bce), rtol=1e-5)
+    assert not any(w.name in ("positive_weight", "negative_weight") for w in model.weights)  # never sent as weights
 
 
 def test_the_default_model_keeps_the_last_convolution_at_half_resolution():

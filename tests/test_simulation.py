@@ -123,3 +123,42 @@ def test_a_three_finding_simulation_reports_every_figure_per_label(tmp_path, cap
         assert sites[f"auc__{label}"].notna().all()
     macro = np.nanmean([history.loc[1, f"global_auc__{label}"] for label in ("nodule", "basal_opacity", "cardiomegaly")])
     assert history.loc[1, "global_auc"] == pytest.approx(macro)
+
+
+def test_a_simulation_of_sites_on_disk_reads_their_folders_and_counts_what_they_skipped(tmp_path, capfd):
+    """Two hospitals as class folders of mixed PNG/JPEG modes and sizes, each with its own site YAML; one holds a corrupt
+    file it is told to skip; the server's held-out set is a third folder."""
+    from common.config import parse_run_config
+    from common.demo_sites import write_demo_sites
+
+    demo = parse_run_config({"num-hospitals": 2, "images-per-hospital": 60, "heldout-images": 30, "image-size": 32})
+    hospital_0, hospital_1, heldout = write_demo_sites(demo, tmp_path / "sites", mixed=True)
+    (tmp_path / "sites" / "hospital-1" / "lesion" / "corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"\0" * 40)
+    hospital_1.write_text(hospital_1.read_text() + "skip-unreadable: true\n")
+    settings = (
+        f"sites='{hospital_0},{hospital_1}' heldout-site='{heldout}' num-server-rounds=2 image-size=32 min-hospitals=2 "
+        f"min-histogram-images=5 gradcam-images=8 output-dir='{tmp_path}' run-name='run'"
+    )
+    before = {p.pid for p in _flower_processes()}
+    assert simulate.main(["-c", settings]) == 0, capfd.readouterr().err
+    assert {p.pid for p in _flower_processes()} <= before
+    folder = tmp_path / "run"
+    history = pd.read_csv(folder / "history.csv")
+    assert history["n_sites"].iloc[1:].tolist() == [2, 2] and history["n_failed"].tolist() == [0, 0, 0]
+    assert history["heldout_auc"].between(0, 1).all()
+    sites = pd.read_csv(folder / "sites.csv")
+    assert sites.groupby("site")["skipped_files"].max().to_dict() == {"hospital-0": 0, "hospital-1": 1}
+    assert sites.groupby("site")["n_train"].first().sum() + sites.groupby("site")["n_val"].first().sum() == 120  # every readable image
+    skipped = pd.read_csv(folder / "hospitals" / "hospital-1" / "unreadable.csv")
+    assert skipped["path"].str.endswith("corrupt.png").tolist() == [True] and "does not decode" in skipped["reason"].iloc[0]
+
+
+def test_a_site_file_that_does_not_cover_the_runs_labels_stops_the_simulation_before_it_starts(tmp_path, capfd):
+    from common.config import parse_run_config
+    from common.demo_sites import write_demo_sites
+
+    demo = parse_run_config({"num-hospitals": 2, "images-per-hospital": 20, "heldout-images": 10, "image-size": 16})
+    hospital_0, hospital_1, _ = write_demo_sites(demo, tmp_path / "sites")
+    code = simulate.main(["-c", f"sites='{hospital_0},{hospital_1}' labels='nodule' output-dir='{tmp_path / 'runs'}'"])
+    assert code == 2 and "'labels' maps 'lesion', which the run does not have; the run's labels: nodule" in capfd.readouterr().err
+    assert not (tmp_path / "runs").exists()

@@ -136,6 +136,6 @@ def test_a_reply_without_a_site_name_is_rejected():
     with pytest.raises(wire.ReplyError, match="no site name"):
         wire.parse_train_reply(content, SHAPES, LABELS)
     site = ConfigRecord({wire.SITE_NAME: "x", wire.SITE_LABELS: list(LABELS)})
-    content = RecordDict({wire.METRICS: MetricRecord({wire.NUM_EXAMPLES: 0, wire.TRAIN_LOSS: 0.1}), wire.SITE: site})
+    content = RecordDict({wire.METRICS: MetricRecord({wire.NUM_EXAMPLES: 0, wire.TRAIN_LOSS: 0.1, wire.SKIPPED: 0}), wire.SITE: site})
     with pytest.raises(wire.ReplyError, match="expected a positive number of images"):
         wire.parse_train_reply(content, SHAPES, LABELS)
