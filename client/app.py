@@ -16,10 +16,11 @@ warnings.filterwarnings("ignore", message="__array__ implementation doesn't acce
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
-from flwr.app import Context, Message  # noqa: E402
+from flwr.app import Context, Message, RecordDict  # noqa: E402
 from flwr.clientapp import ClientApp  # noqa: E402
 
 from common import wire  # noqa: E402
+from common.audit import append_audit  # noqa: E402
 from common.config import Augmentation, DicomSettings, RunConfig, parse_run_config  # noqa: E402
 from common.metrics import figures, statistics  # noqa: E402
 from common.model import build_model, class_weights, reset_optimizer, set_class_weights  # noqa: E402
@@ -44,16 +45,38 @@ class _Site:
     data: SiteData
     train: tf.data.Dataset
     val: tf.data.Dataset
+    folder: Path | None  # the site file's report-dir; None for a simulated hospital (it reports into the run folder)
 
 
 @functools.lru_cache(maxsize=16)
 def _site(cfg: RunConfig, node_config: tuple) -> _Site:
     """This node's site: read, checked and split once per worker."""
     data, site = hospital_site(cfg, dict(node_config))
+    device = configure_tensorflow(cfg.threads_per_client, site.gpu if site is not None else 0, cfg.mixed_precision)
+    if site is not None:
+        print(f"[{data.name}] {len(data.train)} training and {len(data.val)} validation images; training on {device}", flush=True)
     augmentation, dicom = (site.augmentation, site.dicom) if site is not None else (Augmentation(), DicomSettings())
     seed = cfg.seed + (site.seed if site is not None else 0)
     train = dataset(data.train, cfg, training=True, seed=seed, augmentation=augmentation, dicom=dicom)
-    return _Site(data, train, dataset(data.val, cfg, training=False, dicom=dicom))
+    return _Site(data, train, dataset(data.val, cfg, training=False, dicom=dicom), site.report_dir if site is not None else None)
+
+
+def _reply(msg: Message, content: RecordDict, context: Context, site: _Site) -> Message:
+    """The reply to a message, written to the site's audit log before it leaves."""
+    folder = _site_folder(msg, site)
+    if folder is not None:
+        config = msg.content.config_records.get("config", {})
+        append_audit(folder, content, context.run_id, int(config.get("server-round", 0)), msg.metadata.message_type, site.data.name)
+    return Message(content=content, reply_to=msg)
+
+
+def _site_folder(msg: Message, site: _Site) -> Path | None:
+    """Where this site keeps its report and audit log: its site file's report-dir, else (a simulated hospital) its
+    folder in the run folder the server names, else nowhere."""
+    config = msg.content.config_records.get("config", {})
+    if site.folder is not None:
+        return site.folder
+    return Path(config[wire.RUN_FOLDER]) / "hospitals" / site.data.name if wire.RUN_FOLDER in config else None
 
 
 @functools.lru_cache(maxsize=1)
@@ -67,7 +90,6 @@ def _model(cfg: RunConfig) -> keras.Model:
 def _setup(msg: Message, context: Context) -> tuple[RunConfig, _Site, keras.Model]:
     """Parse the run, load this hospital's data and the global weights into the worker's model."""
     cfg = _run_config(tuple(sorted(context.run_config.items())))
-    configure_tensorflow(cfg.threads_per_client)
     site = _site(cfg, tuple(sorted(context.node_config.items())))
     model = _model(cfg)
     model.set_weights(msg.content[wire.ARRAYS].to_numpy_ndarrays())
@@ -88,7 +110,7 @@ def train(msg: Message, context: Context) -> Message:
     history = model.fit(site.train, epochs=cfg.local_epochs, shuffle=False, verbose=0)  # the pipeline shuffles
     loss = float(history.history["loss"][-1])
     content = wire.pack_train_reply(site.data.name, cfg.labels, model.get_weights(), len(labels), loss, len(site.data.unreadable))
-    return Message(content=content, reply_to=msg)
+    return _reply(msg, content, context, site)
 
 
 @app.evaluate()
@@ -101,10 +123,10 @@ def evaluate(msg: Message, context: Context) -> Message:
     val = site.data.val
     logits = model.predict(site.val, verbose=0)  # (n, n_labels), in the order of val
     counts, pos, neg = statistics(logits, val.labels, cfg.threshold, cfg.histogram_bins)
-    config = msg.content.config_records.get("config", {})
-    if wire.RUN_FOLDER in config:
-        folder = Path(config[wire.RUN_FOLDER]) / "hospitals" / site.data.name
-        append_site_report(folder, int(config["server-round"]), len(val), figures(counts, pos, neg, cfg.labels), site.data.unreadable)
+    folder = _site_folder(msg, site)
+    if folder is not None:
+        server_round = int(msg.content.config_records.get("config", {}).get("server-round", 0))
+        append_site_report(folder, server_round, len(val), figures(counts, pos, neg, cfg.labels), site.data.unreadable)
     if len(val) < cfg.min_histogram_images:  # too few patients: fine bins would come close to listing their scores
         pos = neg = None
-    return Message(content=wire.pack_evaluate_reply(site.data.name, cfg.labels, len(val), counts, pos, neg), reply_to=msg)
+    return _reply(msg, wire.pack_evaluate_reply(site.data.name, cfg.labels, len(val), counts, pos, neg), context, site)

@@ -75,6 +75,7 @@ class RunConfig:
     histogram_bins: int = _setting(400, lambda v: 10 <= v <= 10_000, "an integer in [10, 10000]", "score-histogram bins")
     seed: int = _setting(42, lambda v: v >= 0, "an integer >= 0", "seed for data, splits and initial weights")
     threads_per_client: int = _setting(1, _positive, "an integer >= 1", "TensorFlow threads per client process")
+    mixed_precision: bool = _setting(False, None, "true or false", "train in mixed float16 on a hospital's GPU (no effect on a CPU)")
     output_dir: str = _setting("runs", None, "a folder path", "where run folders are written")
     run_name: str = _setting("", None, "a folder name, or empty for a timestamp", "name of this run's folder")
 
@@ -112,6 +113,10 @@ def parse_overrides(texts: list[str]) -> dict[str, Any]:
 def _coerce(key: str, value: Any, f: dataclasses.Field) -> Any:
     """Convert a TOML value to the field's type, or raise ConfigError naming the key."""
     allowed = f.metadata["allowed"]
+    if f.type in ("bool", bool):
+        if not isinstance(value, bool):
+            raise ConfigError(f"run setting '{key}' = {value!r}: expected {allowed}")
+        return value
     if f.type in ("int", int):
         if isinstance(value, bool) or not isinstance(value, int):
             raise ConfigError(f"run setting '{key}' = {value!r}: expected {allowed}")
@@ -245,11 +250,12 @@ class SiteConfig:
     augmentation: Augmentation = Augmentation()
     skip_unreadable: bool = False
     gpu: int = 0  # which GPU to use where TensorFlow sees one
+    report_dir: Path | None = None  # where the site keeps its own report, skipped-file list and audit log
 
 
 _SITE_KEYS = {
     "name", "data-root", "layout", "labels", "negative-folders", "manifest", "image-column", "patient-column", "npz",
-    "val-fraction", "seed", "dicom", "augmentation", "skip-unreadable", "gpu",
+    "val-fraction", "seed", "dicom", "augmentation", "skip-unreadable", "gpu", "report-dir",
 }  # fmt: skip
 
 
@@ -344,13 +350,14 @@ def load_site_config(path: str | Path) -> SiteConfig:
     if not 0 < val_fraction < 1:
         raise _site_error(path, "val-fraction", f"{val_fraction!r} is out of range: expected a number in (0, 1)")
     seed, gpu = _typed(path, raw, "seed", int, 0), _typed(path, raw, "gpu", int, 0)
+    report_dir = (path.parent / _typed(path, raw, "report-dir", str, f"reports/{name}")).resolve()
     return SiteConfig(
         name=name, path=path, data_root=root, layout=layout, labels={k: str(v) for k, v in labels.items()},
         negative_folders=tuple(negatives), manifest=files.get("manifest"), npz=files.get("npz"),
         image_column=_typed(path, raw, "image-column", str, "path"), patient_column=_typed(path, raw, "patient-column", str, ""),
         val_fraction=float(val_fraction), seed=seed, dicom=_section(path, raw, "dicom", DicomSettings),
         augmentation=_section(path, raw, "augmentation", Augmentation),
-        skip_unreadable=_typed(path, raw, "skip-unreadable", bool, False), gpu=gpu,
+        skip_unreadable=_typed(path, raw, "skip-unreadable", bool, False), gpu=gpu, report_dir=report_dir,
     )  # fmt: skip
 
 

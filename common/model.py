@@ -31,7 +31,7 @@ def lightcnn(input_shape: tuple[int, int, int], n_labels: int) -> keras.Model:
     x = _conv_block(x, 32, "conv2")  # (b, s/2, s/2, 32)
     x = _conv_block(x, 32, LAST_CONV)  # (b, s/2, s/2, 32)
     x = keras.layers.GlobalMaxPooling2D(name="gmp")(x)  # (b, 32)
-    logits = keras.layers.Dense(n_labels, name=LOGITS)(x)  # (b, n_labels)
+    logits = keras.layers.Dense(n_labels, dtype="float32", name=LOGITS)(x)  # (b, n_labels), float32 under mixed precision too
     return keras.Model(inputs, logits, name="lightcnn")
 
 
@@ -45,7 +45,7 @@ def seedcnn(input_shape: tuple[int, int, int], n_labels: int) -> keras.Model:
     x = keras.layers.BatchNormalization(name="bn")(x)
     x = keras.layers.Flatten(name="flatten")(x)  # (b, s/2 * s/2 * 64)
     x = keras.layers.Dropout(0.5, name="dropout")(x)
-    logits = keras.layers.Dense(n_labels, kernel_initializer="glorot_normal", name=LOGITS)(x)  # (b, n_labels)
+    logits = keras.layers.Dense(n_labels, kernel_initializer="glorot_normal", dtype="float32", name=LOGITS)(x)  # (b, n_labels)
     return keras.Model(inputs, logits, name="seedcnn")
 
 

@@ -1,28 +1,40 @@
-"""TensorFlow process settings: threads per process and GPU memory growth, set once before the first operation."""
+"""TensorFlow process settings: threads per process, which GPU and its memory growth, mixed precision; set once
+before the first operation."""
 
 from __future__ import annotations
 
 import logging
 
+import keras
 import tensorflow as tf
 
 log = logging.getLogger(__name__)
 _configured: str | None = None
 
 
-def configure_tensorflow(threads: int) -> str:
-    """Limit TensorFlow to `threads` threads and let GPU memory grow; returns the device it will use. Idempotent."""
+def configure_tensorflow(threads: int, gpu: int = 0, mixed_precision: bool = False) -> str:
+    """Limit TensorFlow to `threads` threads; use GPU number `gpu` where TensorFlow sees one, its memory growing as
+    needed (so several processes can share a card), in mixed precision if asked; else the CPU, saying so. Returns
+    the device in words. Idempotent."""
     global _configured
     if _configured is not None:
         return _configured
+    gpus = tf.config.list_physical_devices("GPU")
     try:
         tf.config.threading.set_intra_op_parallelism_threads(threads)
         tf.config.threading.set_inter_op_parallelism_threads(threads)
-        gpus = tf.config.list_physical_devices("GPU")
-        for gpu in gpus:
-            tf.config.experimental.set_memory_growth(gpu, True)
+        if gpus:
+            chosen = gpus[gpu] if gpu < len(gpus) else gpus[0]
+            if gpu >= len(gpus):
+                log.warning("GPU %d asked for, TensorFlow sees %d: using GPU 0", gpu, len(gpus))
+            tf.config.set_visible_devices(chosen, "GPU")
+            tf.config.experimental.set_memory_growth(chosen, True)
+            gpus = [chosen]
     except RuntimeError as exc:  # TensorFlow already ran an operation in this process: its settings are fixed
-        log.warning("TensorFlow was initialised before its thread settings could be applied: %s", exc)
-        gpus = tf.config.list_physical_devices("GPU")
-    _configured = f"GPU ({gpus[0].name})" if gpus else f"CPU ({threads} thread(s))"
+        log.warning("TensorFlow was initialised before its device settings could be applied: %s", exc)
+    if gpus and mixed_precision:
+        keras.mixed_precision.set_global_policy("mixed_float16")  # the logits layer stays float32 (common/model.py)
+    _configured = f"GPU ({gpus[0].name}{', mixed precision' if mixed_precision else ''})" if gpus else f"CPU ({threads} thread(s))"
+    if not gpus:
+        log.info("no GPU visible to TensorFlow: training on the CPU with %d thread(s)", threads)
     return _configured

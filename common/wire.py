@@ -9,6 +9,8 @@ say which hospital a reply came from). Nothing else leaves a hospital: no image,
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
 from dataclasses import dataclass
 
@@ -160,3 +162,38 @@ def parse_evaluate_reply(content: RecordDict, labels: tuple[str, ...], n_bins: i
                 f"label {labels[j]!r}: confusion counts {counts[j].tolist()} disagree with the histograms or with {NUM_EXAMPLES} = {n}"
             )
     return EvaluateReply(site, n, counts, pos, neg)
+
+
+def payload_digest(content: RecordDict) -> str:
+    """SHA-256 of a message's content as it crosses the wire: each record's name and kind, then its keys and values
+    (for arrays: dtype, shape and bytes, in order); computed alike where it is sent and where it arrives."""
+    digest = hashlib.sha256()
+    for name in sorted(content.keys()):
+        record = content[name]
+        digest.update(f"{name}:{type(record).__name__}\n".encode())
+        if isinstance(record, ArrayRecord):
+            for key in record.keys():
+                array = record[key]
+                digest.update(f"{key}:{array.dtype}:{list(array.shape)}\n".encode())
+                digest.update(array.data)
+        else:
+            digest.update(json.dumps(dict(record), sort_keys=True).encode())
+    return digest.hexdigest()
+
+
+def payload_summary(content: RecordDict) -> dict:
+    """What a message carries, for a hospital's audit log: each record's keys, array shapes and sizes, metric values
+    (lists by their length), total bytes, and the payload's SHA-256."""
+    arrays, values, total = [], {}, 0
+    for name in sorted(content.keys()):
+        record = content[name]
+        if isinstance(record, ArrayRecord):
+            for key in record.keys():
+                array = record[key]
+                arrays.append({"record": name, "key": key, "shape": list(array.shape), "dtype": array.dtype, "bytes": len(array.data)})
+                total += len(array.data)
+        else:
+            for key, value in record.items():
+                values[f"{name}.{key}"] = f"{len(value)} values" if isinstance(value, list) and key not in (SITE_LABELS,) else value
+                total += len(json.dumps(value))
+    return {"records": sorted(content.keys()), "arrays": arrays, "values": values, "bytes": total, "sha256": payload_digest(content)}

@@ -56,6 +56,7 @@ def run_federation(grid: Grid, cfg: RunConfig) -> None:
     held = evaluate_heldout(model, heldout, cfg, thresholds=None)
     rows = [{"round": 0, **held.row, "n_sites": 0, "n_failed": 0, "n_rejected": 0, "seconds": time.time() - start, "best": False}]
     site_rows: list[dict] = []
+    received_rows: list[dict] = []
     write_tables(folder, rows, site_rows)
     say(f"round 0/{cfg.num_server_rounds}  held-out AUC {fmt(held.row['heldout_auc'])} (initial model, {len(heldout)} held-out images)")
 
@@ -101,6 +102,8 @@ def run_federation(grid: Grid, cfg: RunConfig) -> None:
         )  # fmt: skip
         site_rows += [{"round": rnd, **site} for site in record.sites]
         write_tables(folder, rows, site_rows)
+        received_rows += [{"round": rnd, **entry} for entry in record.received]
+        pd.DataFrame(received_rows).to_csv(folder / "received.csv", index=False)  # to match against the hospitals' audit logs
         worst = record.row.get("worst_site_auc", math.nan)
         say(
             f"round {rnd}/{cfg.num_server_rounds}  pooled AUC {fmt(auc)}  sens {fmt(record.row.get('global_sensitivity'), 2)}  "

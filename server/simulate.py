@@ -9,21 +9,14 @@ checks the run's real outcome (`flwr run` exits 0 even for a failed run) and sto
 from __future__ import annotations
 
 import argparse
-import contextlib
-import json
-import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from pathlib import Path
 from typing import Any
-
-import psutil
 
 from common.config import (
     ConfigError, RunConfig, config_to_dict, describe_settings, load_site_config, parse_overrides, parse_run_config, project_settings,
@@ -32,35 +25,9 @@ from common.config import (
 from common.data import DataError
 from common.partition import assign_hospitals, pool_labels
 from common.site_data import index_site
+from server.launch import BIN, PROJECT, RunFailed, flower_env, run_outcome, start_superlink, stop, write_run_config
 
-PROJECT = Path(__file__).resolve().parent.parent
 CONNECTION = "fedimaging-simulation"
-QUIET_FLOWER = {
-    "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",  # offline: never `uv sync` the app's dependencies
-    "FLWR_TELEMETRY_ENABLED": "0",
-    "FLWR_DISABLE_UPDATE_CHECK": "1",
-}
-
-QUIET_LOGS = {  # defaults only: a variable already set in the environment wins
-    "TF_CPP_MIN_LOG_LEVEL": "3",  # TensorFlow's C++ start-up chatter in every worker (errors still raise in Python)
-    "PYTHONWARNINGS": "ignore::DeprecationWarning",  # Keras 3.15 on NumPy 2, once per worker and round
-}
-
-
-class RunFailed(RuntimeError):
-    """The simulation did not complete; the message says why."""
-
-
-def _toml_value(value: Any) -> str:
-    """A str, bool, int or float as a TOML value."""
-    return ("true" if value else "false") if isinstance(value, bool) else json.dumps(value)
-
-
-def _free_port() -> int:
-    """A TCP port on 127.0.0.1 that nothing listens on now."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def prepare(overrides: dict[str, Any]) -> RunConfig:
@@ -82,59 +49,6 @@ def prepare(overrides: dict[str, Any]) -> RunConfig:
     return parse_run_config({**config_to_dict(cfg), "run-name": run_name})
 
 
-def start_superlink(flwr_home: Path, bin_dir: Path, env: dict[str, str]) -> tuple[subprocess.Popen, int]:
-    """A simulation SuperLink serving all its APIs on one free loopback port; returns it and the port."""
-    port = _free_port()
-    log = open(flwr_home / "superlink.log", "w")
-    process = subprocess.Popen(
-        [
-            str(bin_dir / "flower-superlink"), "--insecure", "--simulation", "--isolation", "subprocess",
-            "--host", "127.0.0.1", "--port", str(port),
-            "--disable-runtime-dependency-installation",
-        ],
-        stdout=log, stderr=subprocess.STDOUT, start_new_session=True, cwd=flwr_home, env=env,
-    )  # fmt: skip
-    deadline = time.time() + 60
-    while time.time() < deadline:
-        if process.poll() is not None:
-            raise RunFailed(f"the SuperLink exited at start (code {process.returncode}):\n{(flwr_home / 'superlink.log').read_text()[-2000:]}")
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=1) as reply:
-                if reply.status == 200:
-                    return process, port
-        except OSError:
-            time.sleep(0.3)
-    stop(process, flwr_home)
-    raise RunFailed("the SuperLink did not become ready within 60 s")
-
-
-def stop(process: subprocess.Popen, flwr_home: Path) -> None:
-    """Stop the SuperLink and every process it started, detached ones included (they all carry our FLWR_HOME)."""
-
-    def ours(p: psutil.Process) -> bool:
-        try:
-            return p.environ().get("FLWR_HOME") == str(flwr_home)
-        except (psutil.Error, OSError):
-            return False
-
-    try:
-        root = psutil.Process(process.pid)
-        procs = {root, *root.children(recursive=True)}
-    except psutil.NoSuchProcess:
-        procs = set()
-    procs |= {p for p in psutil.process_iter() if p.pid != os.getpid() and ours(p)}
-    for p in procs:
-        with contextlib.suppress(psutil.Error):
-            p.terminate()
-    _, alive = psutil.wait_procs(procs, timeout=15)
-    for p in alive:
-        with contextlib.suppress(psutil.Error):
-            p.kill()
-    psutil.wait_procs(alive, timeout=5)
-    with contextlib.suppress(subprocess.TimeoutExpired):
-        process.wait(1)
-
-
 def write_connection(flwr_home: Path, port: int) -> None:
     """$FLWR_HOME/config.toml naming the private SuperLink as the default connection."""
     (flwr_home / "config.toml").write_text(
@@ -148,37 +62,22 @@ def federation_config(cfg: RunConfig) -> str:
     return f"num-supernodes={cfg.num_hospitals} client-resources-num-cpus={cfg.threads_per_client} client-resources-num-gpus=0.0"
 
 
-def run_outcome(flwr: Path, env: dict[str, str]) -> tuple[str, str]:
-    """(status, details) of the one run on the private SuperLink, from `flwr ls --format json`."""
-    out = subprocess.run([str(flwr), "ls", CONNECTION, "--format", "json"], env=env, cwd=PROJECT, capture_output=True, text=True, timeout=60)
-    try:
-        runs = json.loads(out.stdout)["runs"]
-    except (json.JSONDecodeError, KeyError):
-        return "unknown", f"`flwr ls` answered: {out.stdout.strip()[-500:]} {out.stderr.strip()[-500:]}"
-    if len(runs) != 1:
-        return "unknown", f"expected one run on the private SuperLink, found {len(runs)}"
-    return runs[0]["status"], runs[0].get("status-details", "")
-
-
 def simulate(cfg: RunConfig) -> Path:
     """Run the simulation to its end; returns the run folder, or raises RunFailed saying why."""
-    bin_dir = Path(sys.executable).parent
     folder = Path(cfg.output_dir) / cfg.run_name
     print(f"fedimaging: simulating {cfg.num_hospitals} hospitals for {cfg.num_server_rounds} rounds; run folder {folder}", flush=True)
     with tempfile.TemporaryDirectory(prefix="flwr-home-") as home:
         flwr_home = Path(home)
-        # Flower's own processes (flower-superexec, flwr-simulation) are found on PATH.
-        path = f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}"
-        env = {**QUIET_LOGS, **os.environ, **QUIET_FLOWER, "FLWR_HOME": str(flwr_home), "PATH": path}
+        env = flower_env(flwr_home)
         settings = flwr_home / "run-config.toml"
-        settings.write_text("".join(f"{k} = {_toml_value(v)}\n" for k, v in config_to_dict(cfg).items()))
-        superlink, port = start_superlink(flwr_home, bin_dir, env)
+        write_run_config(settings, cfg)
+        superlink, port = start_superlink(flwr_home, env, ["--insecure", "--simulation", "--isolation", "subprocess"])
         try:
             write_connection(flwr_home, port)
-            command = [str(bin_dir / "flwr"), "run", str(PROJECT), CONNECTION, "--stream"]
+            command = [str(BIN / "flwr"), "run", str(PROJECT), CONNECTION, "--stream"]
             command += ["--run-config", str(settings), "--federation-config", federation_config(cfg)]
             subprocess.run(command, env=env, cwd=PROJECT, check=False)
-            status, details = run_outcome(bin_dir / "flwr", env)
+            status, details = run_outcome(CONNECTION, env)
         finally:
             stop(superlink, flwr_home)
             if folder.is_dir():

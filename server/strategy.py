@@ -35,6 +35,7 @@ class RoundRecord:
     pos: np.ndarray | None = None  # (n_labels, n_bins) pooled histograms, for the ROC plot
     neg: np.ndarray | None = None
     sites: list[dict] = field(default_factory=list)  # one row per evaluated site, for sites.csv
+    received: list[dict] = field(default_factory=list)  # every reply that arrived: phase, node, site, bytes, SHA-256 (received.csv)
 
 
 class HospitalFedAvg(FedAvg):
@@ -73,6 +74,9 @@ class HospitalFedAvg(FedAvg):
         for msg in replies:
             node_id = msg.metadata.src_node_id
             replied.add(node_id)
+            if not msg.has_error():  # what arrived, to match against the hospitals' audit logs
+                summary = wire.payload_summary(msg.content)
+                self.record.received.append({"phase": phase, "node_id": node_id, "bytes": summary["bytes"], "sha256": summary["sha256"]})
             if msg.has_error():
                 self._fail(node_id, phase, f"client error: {msg.error.reason}")
                 continue
@@ -84,6 +88,8 @@ class HospitalFedAvg(FedAvg):
                 continue
             self.sites[node_id] = reply.site
             accepted.append(reply)
+        for entry in self.record.received:
+            entry.setdefault("site", self._site(entry["node_id"]))
         for node_id in self.sent.get(phase, []):
             if node_id not in replied:
                 self._fail(node_id, phase, f"no reply within round-timeout ({self.cfg.round_timeout:g} s)")

@@ -94,3 +94,20 @@ def test_a_hospital_outside_the_federation_is_a_clear_error(small_cfg):
     weights = build_model(small_cfg.model, (32, 32, 1), 1, small_cfg.learning_rate).get_weights()
     with pytest.raises(ConfigError, match="hospital 7 does not exist: run setting 'num-hospitals' = 3"):
         _call(MessageType.TRAIN, weights, small_cfg, hospital=7)
+
+
+def test_every_reply_is_in_the_hospitals_audit_log_with_the_hash_the_server_computes(small_cfg, tmp_path):
+    from common.audit import read_audit
+
+    weights = build_model(small_cfg.model, (32, 32, 1), 1, small_cfg.learning_rate).get_weights()
+    replies = [_call(kind, weights, small_cfg, run_folder=tmp_path) for kind in (MessageType.TRAIN, MessageType.EVALUATE)]
+    entries = read_audit(tmp_path / "hospitals" / "hospital-1")
+    assert [e["type"] for e in entries] == [MessageType.TRAIN, MessageType.EVALUATE] and all(e["round"] == 1 for e in entries)
+    for entry, reply in zip(entries, replies):
+        assert entry["sha256"] == wire.payload_digest(reply.content) and entry["site"] == "hospital-1"
+    train = entries[0]
+    assert [a["shape"] for a in train["arrays"]] == [list(w.shape) for w in weights]  # weights only
+    for array, w in zip(train["arrays"], weights):  # the serialised array: its values and a .npy header, nothing more
+        assert w.nbytes < array["bytes"] <= w.nbytes + 256
+    assert train["values"]["metrics.skipped-files"] == 0 and entries[1]["arrays"] == []
+    assert entries[1]["values"]["metrics.hist-pos"] == f"{small_cfg.histogram_bins} values"

@@ -1,0 +1,119 @@
+"""Starting and stopping Flower's processes for a run on this machine: a private SuperLink, the environment its
+processes need offline, the run's real outcome, and a stop that leaves nothing behind."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import socket
+import ssl
+import subprocess
+import time
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+import psutil
+
+from common.config import RunConfig, config_to_dict
+from common.deployment import BIN, OFFLINE_FLOWER
+
+PROJECT = Path(__file__).resolve().parent.parent
+
+QUIET_LOGS = {  # defaults only: a variable already set in the environment wins
+    "TF_CPP_MIN_LOG_LEVEL": "3",  # TensorFlow's C++ start-up chatter in every worker (errors still raise in Python)
+    "PYTHONWARNINGS": "ignore::DeprecationWarning",  # Keras 3.15 on NumPy 2, once per worker and round
+}
+
+
+class RunFailed(RuntimeError):
+    """The run did not complete; the message says why."""
+
+
+def write_run_config(path: Path, cfg: RunConfig) -> Path:
+    """The run's resolved settings as a TOML file for `flwr run --run-config`; returns its path."""
+    def toml(value: Any) -> str:
+        return ("true" if value else "false") if isinstance(value, bool) else json.dumps(value)
+
+    path.write_text("".join(f"{k} = {toml(v)}\n" for k, v in config_to_dict(cfg).items()))
+    return path
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def flower_env(flwr_home: Path) -> dict[str, str]:
+    """The environment of every Flower process of a run: offline, quiet, its own FLWR_HOME, our binaries first on PATH."""
+    path = f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"  # Flower's own processes (flower-superexec, ...) are found on PATH
+    return {**QUIET_LOGS, **os.environ, **OFFLINE_FLOWER, "FLWR_HOME": str(flwr_home), "PATH": path}
+
+
+def start_superlink(flwr_home: Path, env: dict[str, str], options: list[str], ca_file: Path | None = None) -> tuple[subprocess.Popen, int]:
+    """A SuperLink serving all its APIs on one free loopback port, with the given options (--insecure --simulation, or
+    TLS and node authentication); waits until its health check answers (over TLS, trusting ca_file, when given)."""
+    port = free_port()
+    log = open(flwr_home / "superlink.log", "w")
+    process = subprocess.Popen(
+        [str(BIN / "flower-superlink"), *options, "--host", "127.0.0.1", "--port", str(port), "--disable-runtime-dependency-installation"],
+        stdout=log, stderr=subprocess.STDOUT, start_new_session=True, cwd=flwr_home, env=env,
+    )  # fmt: skip
+    scheme = "https" if ca_file else "http"
+    context = ssl.create_default_context(cafile=str(ca_file)) if ca_file else None
+    deadline = time.time() + 60
+    while time.time() < deadline:
+        if process.poll() is not None:
+            raise RunFailed(f"the SuperLink exited at start (code {process.returncode}):\n{(flwr_home / 'superlink.log').read_text()[-2000:]}")
+        try:
+            with urllib.request.urlopen(f"{scheme}://127.0.0.1:{port}/health", timeout=1, context=context) as reply:
+                if reply.status == 200:
+                    return process, port
+        except OSError:
+            time.sleep(0.3)
+    stop(process, flwr_home)
+    raise RunFailed("the SuperLink did not become ready within 60 s")
+
+
+def stop(process: subprocess.Popen, flwr_home: Path) -> None:
+    """Stop the SuperLink and every process it started, detached ones included (they all carry our FLWR_HOME)."""
+
+    def ours(p: psutil.Process) -> bool:
+        try:
+            return p.environ().get("FLWR_HOME") == str(flwr_home)
+        except (psutil.Error, OSError):
+            return False
+
+    try:
+        root = psutil.Process(process.pid)
+        procs = {root, *root.children(recursive=True)}
+    except psutil.NoSuchProcess:
+        procs = set()
+    procs |= {p for p in psutil.process_iter() if p.pid != os.getpid() and ours(p)}
+    for p in procs:
+        with contextlib.suppress(psutil.Error):
+            p.terminate()
+    _, alive = psutil.wait_procs(procs, timeout=15)
+    for p in alive:
+        with contextlib.suppress(psutil.Error):
+            p.kill()
+    psutil.wait_procs(alive, timeout=5)
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        process.wait(1)
+
+
+def run_outcome(connection: str, env: dict[str, str]) -> tuple[str, str]:
+    """(status, details) of the one run on the private SuperLink, from `flwr ls --format json`."""
+    out = subprocess.run([str(BIN / "flwr"), "ls", connection, "--format", "json"], env=env, cwd=PROJECT, capture_output=True, text=True, timeout=60)
+    try:
+        runs = json.loads(out.stdout)["runs"]
+    except (json.JSONDecodeError, KeyError):
+        return "unknown", f"`flwr ls` answered: {out.stdout.strip()[-500:]} {out.stderr.strip()[-500:]}"
+    if len(runs) != 1:
+        return "unknown", f"expected one run on the private SuperLink, found {len(runs)}"
+    return runs[0]["status"], runs[0].get("status-details", "")
+
+

@@ -1,0 +1,168 @@
+"""Deployment on loopback: the rehearsal with TLS and node authentication, intruders refused without disturbing it,
+the hospitals' audit logs against what the SuperLink received, and one-line errors at start-up."""
+
+from __future__ import annotations
+
+import datetime as dt
+import importlib.util
+import json
+import shutil
+import socket
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from client import supernode
+from common.config import ConfigError, parse_run_config, project_settings
+from common.demo_sites import write_demo_sites
+from common.deployment import SuperLinkSetup, SuperNodeSetup, superlink_command, supernode_command
+from common.model import build_model
+from common.tls import DeploymentError
+from server import rehearse
+from server.launch import free_port
+
+PROJECT = Path(__file__).resolve().parent.parent
+_spec = importlib.util.spec_from_file_location("certificates", PROJECT / "deploy" / "certificates.py")
+certificates = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(certificates)
+
+
+def _flower_processes() -> set[int]:
+    """Flower processes running now (none of ours may outlive a test)."""
+    import psutil
+
+    names = ("flower-superlink", "flower-supernode", "flower-superexec", "flwr-serverapp", "flwr-clientapp")
+    return {p.pid for p in psutil.process_iter(["cmdline"]) if any(n in " ".join(p.info["cmdline"] or []) for n in names)}
+
+
+def test_the_rehearsal_trains_over_tls_refuses_intruders_and_the_audit_logs_match_what_arrived(tmp_path, capsys):
+    before = _flower_processes()
+    demo = parse_run_config({**project_settings(), "num-hospitals": 2, "images-per-hospital": 60, "heldout-images": 30, "image-size": 32})
+    *site_files, heldout = write_demo_sites(demo, tmp_path / "sites")
+    certs = rehearse.make_certificates(tmp_path, ["hospital-0", "hospital-1", "intruder"])
+    cfg = rehearse.rehearsal_config(tmp_path, heldout, hospitals=2, rounds=2, overrides={"run-name": "rehearsal"})
+    with rehearse.federation(tmp_path) as fed:
+        for name, site_file in zip(("hospital-0", "hospital-1"), site_files):
+            rehearse.register(fed, certs / "hospitals" / f"{name}.pub")
+            rehearse.start_supernode(fed, site_file, certs / "hospitals" / name, name)
+        unregistered = rehearse.start_supernode(fed, site_files[1], certs / "hospitals" / "intruder", "intruder")
+        plaintext = rehearse.start_supernode(fed, site_files[1], None, "plaintext", insecure=True)
+        # Our start command refuses to try plaintext against a TLS SuperLink, in one line.
+        code = supernode.main(["--site", str(site_files[1]), "--superlink", fed.address, "--insecure"])
+        assert code == 2 and f"SuperLink {fed.address} runs with TLS: connect without --insecure" in capsys.readouterr().err
+        folder = rehearse.run(fed, cfg)
+        assert unregistered.wait(60) != 0 and plaintext.poll() is None  # refused at once; the plaintext one never gets in
+    log = (tmp_path / "logs" / "intruder.log").read_text()
+    assert "Failed to activate SuperNode" in log
+    assert "Connection attempt failed" in (tmp_path / "logs" / "plaintext.log").read_text()
+    assert _flower_processes() <= before
+
+    history = pd.read_csv(folder / "history.csv")
+    assert history["round"].tolist() == [0, 1, 2] and history["n_sites"].iloc[1:].tolist() == [2, 2]
+    assert history["n_failed"].tolist() == [0, 0, 0] and history["heldout_auc"].between(0, 1).all()
+    received = pd.read_csv(folder / "received.csv")
+    audit = [json.loads(line) for name in ("hospital-0", "hospital-1") for line in (tmp_path / "sites" / "reports" / name / "audit.jsonl").read_text().splitlines()]
+    assert sorted(e["sha256"] for e in audit) == sorted(received["sha256"]) and len(audit) == 8  # 2 sites x 2 rounds x (train, evaluate)
+    assert {(e["site"], e["round"], e["type"]) for e in audit} == {(s, r, t) for s in ("hospital-0", "hospital-1") for r in (1, 2) for t in ("train", "evaluate")}
+    model_bytes = sum(w.nbytes for w in build_model("lightcnn", (32, 32, 1), 1, 1e-3).get_weights())
+    for entry in audit:  # no image data: weights (and their headers) in train replies, a few hundred numbers in evaluate replies
+        array_bytes = sum(a["bytes"] for a in entry["arrays"])
+        assert (model_bytes <= array_bytes <= model_bytes + 256 * len(entry["arrays"])) if entry["type"] == "train" else array_bytes == 0
+        assert set(entry["values"]) <= {"metrics.num-examples", "metrics.train-loss", "metrics.skipped-files", "metrics.confusion",
+                                        "metrics.hist-pos", "metrics.hist-neg", "site.site-name", "site.labels"}  # fmt: skip
+
+
+@pytest.fixture
+def certs(tmp_path) -> Path:
+    """A CA, a SuperLink certificate for loopback and one hospital key pair."""
+    out = tmp_path / "certs"
+    certificates.make_ca(out)
+    certificates.make_superlink_cert(out, ["127.0.0.1", "localhost"])
+    certificates.make_hospital_keys(out, "st-marys")
+    return out
+
+
+@pytest.fixture
+def site_file(tmp_path) -> Path:
+    """A minimal valid site file."""
+    (tmp_path / "data" / "lesion").mkdir(parents=True)
+    path = tmp_path / "site.yaml"
+    path.write_text("name: st-marys\ndata-root: data\nlayout: folders\nlabels: {lesion: lesion}\n")
+    return path
+
+
+def test_the_certificates_carry_the_hosts_and_pass_the_start_up_checks(certs):
+    command = superlink_command(SuperLinkSetup(certs=certs))
+    assert "--enable-supernode-auth" in command and "--ssl-certfile" in command and "--insecure" not in command
+    assert "names 127.0.0.1, localhost" in certificates.describe(certs / "superlink.crt")
+    assert (certs / "ca.key").stat().st_mode & 0o077 == 0 and (certs / "hospitals" / "st-marys").stat().st_mode & 0o077 == 0
+    assert (certs / "hospitals" / "st-marys.pub").read_text().startswith("ecdsa-sha2-nistp384 ")
+
+
+def test_bad_certificates_give_one_line_saying_what_to_fix(certs, tmp_path):
+    with pytest.raises(DeploymentError, match="CA certificate .*missing/ca.crt: cannot be read \\(No such file or directory\\)"):
+        superlink_command(SuperLinkSetup(certs=tmp_path / "missing"))
+    expired = tmp_path / "expired"
+    shutil.copytree(certs, expired)
+    certificates.make_superlink_cert(expired, ["127.0.0.1"], days=1, valid_from=dt.datetime.now(dt.timezone.utc) - dt.timedelta(days=3))
+    with pytest.raises(DeploymentError, match="SuperLink certificate .*expired on .*renew it"):
+        superlink_command(SuperLinkSetup(certs=expired))
+    mismatched = tmp_path / "mismatched"
+    shutil.copytree(certs, mismatched)
+    other = tmp_path / "other"
+    shutil.copytree(certs, other)
+    certificates.make_superlink_cert(other, ["127.0.0.1"])
+    shutil.copy(other / "superlink.key", mismatched / "superlink.key")
+    with pytest.raises(DeploymentError, match="superlink.key does not belong to the certificate"):
+        superlink_command(SuperLinkSetup(certs=mismatched))
+    stranger = tmp_path / "stranger"
+    certificates.make_ca(stranger)
+    shutil.copy(stranger / "ca.crt", mismatched / "ca.crt")
+    with pytest.raises(DeploymentError, match="not signed by the CA"):
+        superlink_command(SuperLinkSetup(certs=mismatched))
+    with pytest.raises(DeploymentError, match="no certificate folder: give --certs"):
+        superlink_command(SuperLinkSetup())
+
+
+def test_a_hospital_start_with_a_bad_setting_says_what_to_fix_in_one_line(certs, site_file, tmp_path, capsys):
+    silent = free_port()  # nothing listens there
+    key = certs / "hospitals" / "st-marys"
+    with pytest.raises(DeploymentError, match=f"SuperLink 127.0.0.1:{silent} does not answer"):
+        supernode_command(SuperNodeSetup(site_file, f"127.0.0.1:{silent}", certs / "ca.crt", key))
+    with pytest.raises(DeploymentError, match="SuperNode key .*: not an unencrypted OpenSSH private key"):
+        supernode_command(SuperNodeSetup(site_file, "127.0.0.1:1", certs / "ca.crt", certs / "ca.crt"))
+    with pytest.raises(DeploymentError, match="give the federation's CA certificate"):
+        supernode_command(SuperNodeSetup(site_file, "127.0.0.1:1"))
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("name: [st-marys\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        supernode_command(SuperNodeSetup(broken, "127.0.0.1:1", certs / "ca.crt", key))
+    code = supernode.main(["--site", str(site_file), "--superlink", f"127.0.0.1:{silent}", "--ca", str(certs / "ca.crt"), "--key", str(key)])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1 and "does not answer" in err
+
+
+def test_a_superlink_certificate_from_another_ca_is_refused_before_connecting(certs, site_file, tmp_path):
+    """A hospital holding a different federation's CA does not trust our SuperLink: a TLS server on loopback shows it."""
+    import ssl
+    import threading
+
+    stranger = tmp_path / "stranger"
+    certificates.make_ca(stranger)
+    server = socket.create_server(("127.0.0.1", 0))
+    port = server.getsockname()[1]
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(certs / "superlink.crt", certs / "superlink.key")
+
+    def serve() -> None:
+        conn, _ = server.accept()
+        try:
+            context.wrap_socket(conn, server_side=True).close()
+        except (ssl.SSLError, OSError):
+            conn.close()
+
+    threading.Thread(target=serve, daemon=True).start()
+    with pytest.raises(DeploymentError, match="certificate does not verify against .*stranger/ca.crt"):
+        supernode_command(SuperNodeSetup(site_file, f"127.0.0.1:{port}", stranger / "ca.crt", certs / "hospitals" / "st-marys"))
+    server.close()
