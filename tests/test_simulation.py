@@ -149,7 +149,9 @@ def test_a_simulation_of_sites_on_disk_reads_their_folders_and_counts_what_they_
     sites = pd.read_csv(folder / "sites.csv")
     assert sites.groupby("site")["skipped_files"].max().to_dict() == {"hospital-0": 0, "hospital-1": 1}
     assert sites.groupby("site")["n_train"].first().sum() + sites.groupby("site")["n_val"].first().sum() == 120  # every readable image
-    skipped = pd.read_csv(folder / "hospitals" / "hospital-1" / "unreadable.csv")
+    own = tmp_path / "sites" / "reports" / "hospital-1"  # a site file's reports stay with the site, not in the server's run folder
+    assert (own / "audit.jsonl").is_file() and pd.read_csv(own / "report.csv")["round"].tolist() == [1, 2]
+    skipped = pd.read_csv(own / "unreadable.csv")
     assert skipped["path"].str.endswith("corrupt.png").tolist() == [True] and "does not decode" in skipped["reason"].iloc[0]
 
 
