@@ -142,6 +142,43 @@ def scan_files(files: SiteFiles, site: SiteConfig, channels: int, progress: Call
     return pd.DataFrame(rows, columns=["path", "ok", "reason", "height", "width", "mode", "patient_in_file", "sha256"])
 
 
+SCAN_CACHE = "scan-cache.csv"
+
+
+def _stamp(path: str) -> str:
+    """A file's size and modification time, or '' when it cannot be stat'ed."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return ""
+    return f"{st.st_size}:{st.st_mtime_ns}"
+
+
+def _scan_with_cache(files: SiteFiles, site: SiteConfig, channels: int, progress: Callable[[str], None] | None) -> pd.DataFrame:
+    """scan_files, reading again only the files changed since the last scan (size or modification time) and kept in
+    the site's report-dir: in deployment each message runs in a new process, and a large site must not be re-read each time."""
+    cache = site.report_dir / SCAN_CACHE if site.report_dir is not None else None
+    stamps = np.array([_stamp(p) for p in files.paths], dtype=object)
+    key = f"{channels}:{site.dicom}"  # what the decoded result depends on besides the file
+    known = pd.DataFrame()
+    if cache is not None and cache.is_file():
+        known = pd.read_csv(cache, dtype=str, keep_default_na=False)
+        known = known[known["key"] == key].drop_duplicates("path", keep="last").set_index("path")
+    reuse = np.array([p in known.index and s != "" and known.at[p, "stamp"] == s for p, s in zip(files.paths, stamps)], bool)
+    fresh = scan_files(files.take(np.flatnonzero(~reuse)), site, channels, progress)
+    table = fresh
+    if reuse.any():
+        old = known.loc[np.unique(files.paths[reuse])].reset_index()[fresh.columns]
+        old = old.assign(ok=old["ok"] == "True", height=old["height"].astype(int), width=old["width"].astype(int))
+        table = pd.concat([fresh, old])
+    table = table.drop_duplicates("path").set_index("path").loc[files.paths].reset_index()
+    table = table.astype({"ok": bool, "height": int, "width": int})
+    if cache is not None:
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        table.assign(stamp=[_stamp(p) for p in table["path"]], key=key).to_csv(cache, index=False)
+    return table
+
+
 def _unreadable_error(site: SiteConfig, bad: pd.DataFrame) -> DataError:
     """The refusal to start when files do not read and skip-unreadable is off, naming them."""
     listed = "; ".join(f"{p}: {r}" for p, r in zip(bad["path"][:MAX_LISTED], bad["reason"][:MAX_LISTED]))
@@ -172,7 +209,7 @@ def _npz_site(site: SiteConfig, cfg: RunConfig) -> SiteData:
 def read_site(site: SiteConfig, cfg: RunConfig, progress: Callable[[str], None] | None = None) -> tuple[SiteFiles, pd.DataFrame]:
     """The site's indexed files and the scan of every one of them, with DICOM patient IDs filled in where the manifest has none."""
     files = index_site(site, cfg.labels)
-    table = scan_files(files, site, cfg.channels, progress)
+    table = _scan_with_cache(files, site, cfg.channels, progress)
     from_files = table["patient_in_file"].to_numpy(object)
     patients = np.where(files.patients != "", files.patients, from_files)
     return SiteFiles(files.paths, files.labels, patients), table

@@ -330,3 +330,22 @@ def test_the_documented_example_site_files_parse(tmp_path, example):
         (tmp_path / name).write_text("")
     site = load_site_config(_site_yaml(tmp_path, text))
     assert site.data_root == tmp_path and site.name and not site.augmentation.horizontal_flip
+
+
+def test_a_second_start_reads_only_the_files_that_changed(tmp_path):
+    """In deployment every message runs in a new process: the scan is kept in the site's report-dir, keyed by each
+    file's size and modification time, so an unchanged file is not decoded again and a changed one is."""
+    import os
+
+    site = load_site_config(_folders_site(tmp_path))
+    first = load_site(site, _run())
+    cache = pd.read_csv(site.report_dir / "scan-cache.csv", keep_default_na=False)
+    assert len(cache) == 20 and cache["ok"].all()
+    assert load_site(site, _run()).val.paths.tolist() == first.val.paths.tolist()  # from the cache, the same split
+    victim = tmp_path / "data" / "NORMAL" / "n3.png"
+    victim.write_bytes(b"\x89PNG\r\n\x1a\n" + b"\0" * 30)  # changed: new size and time
+    with pytest.raises(DataError, match="1 file\\(s\\) cannot be read: .*n3.png: does not decode"):
+        load_site(site, _run())
+    _png(victim, 3)
+    os.utime(victim, ns=(1, 1))  # an old time but a new size: still read again
+    assert len(load_site(site, _run()).unreadable) == 0
