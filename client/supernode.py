@@ -16,7 +16,7 @@ import sys
 from pathlib import Path
 
 from common.config import ConfigError
-from common.deployment import INSECURE_WARNING, OFFLINE_FLOWER, SuperNodeSetup, supernode_command
+from common.deployment import INSECURE_WARNING, SuperNodeSetup, flower_process_env, supernode_command
 from common.tls import DeploymentError
 
 
@@ -37,7 +37,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if args.insecure:
         print(INSECURE_WARNING, file=sys.stderr)
-    os.execve(command[0], command, {**os.environ, **OFFLINE_FLOWER, "TF_CPP_MIN_LOG_LEVEL": os.environ.get("TF_CPP_MIN_LOG_LEVEL", "2")})
+    os.execve(command[0], command, {"TF_CPP_MIN_LOG_LEVEL": "2", **flower_process_env()})
     return 0  # not reached
 
 

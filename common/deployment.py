@@ -3,6 +3,7 @@ authentication, and a SuperNode per hospital with its site file; insecure mode o
 
 from __future__ import annotations
 
+import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,6 +17,14 @@ OFFLINE_FLOWER = {
     "FLWR_TELEMETRY_ENABLED": "0",
     "FLWR_DISABLE_UPDATE_CHECK": "1",
 }
+
+
+def flower_process_env() -> dict[str, str]:
+    """This environment for a Flower process: offline and quiet, this installation's binaries first on PATH (the
+    SuperLink and SuperNode start flower-superexec and flwr-* processes by name)."""
+    return {**os.environ, **OFFLINE_FLOWER, "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"}
+
+
 INSECURE_WARNING = "WARNING: insecure mode: no TLS, no node authentication; for a local rehearsal only, never across a network"
 
 

@@ -17,7 +17,7 @@ from typing import Any
 import psutil
 
 from common.config import RunConfig, config_to_dict
-from common.deployment import BIN, OFFLINE_FLOWER
+from common.deployment import BIN, flower_process_env
 
 PROJECT = Path(__file__).resolve().parent.parent
 
@@ -49,8 +49,7 @@ def free_port() -> int:
 
 def flower_env(flwr_home: Path) -> dict[str, str]:
     """The environment of every Flower process of a run: offline, quiet, its own FLWR_HOME, our binaries first on PATH."""
-    path = f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"  # Flower's own processes (flower-superexec, ...) are found on PATH
-    return {**QUIET_LOGS, **os.environ, **OFFLINE_FLOWER, "FLWR_HOME": str(flwr_home), "PATH": path}
+    return {**QUIET_LOGS, **flower_process_env(), "FLWR_HOME": str(flwr_home)}
 
 
 def start_superlink(flwr_home: Path, env: dict[str, str], options: list[str], ca_file: Path | None = None) -> tuple[subprocess.Popen, int]:

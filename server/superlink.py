@@ -14,7 +14,7 @@ import os
 import sys
 from pathlib import Path
 
-from common.deployment import INSECURE_WARNING, OFFLINE_FLOWER, SuperLinkSetup, superlink_command
+from common.deployment import INSECURE_WARNING, SuperLinkSetup, flower_process_env, superlink_command
 from common.tls import DeploymentError
 
 
@@ -34,7 +34,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if args.insecure:
         print(INSECURE_WARNING, file=sys.stderr)
-    os.execve(command[0], command, {**os.environ, **OFFLINE_FLOWER})
+    os.execve(command[0], command, flower_process_env())
     return 0  # not reached
 
 

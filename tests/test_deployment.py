@@ -166,3 +166,34 @@ def test_a_superlink_certificate_from_another_ca_is_refused_before_connecting(ce
     with pytest.raises(DeploymentError, match="certificate does not verify against .*stranger/ca.crt"):
         supernode_command(SuperNodeSetup(site_file, f"127.0.0.1:{port}", stranger / "ca.crt", certs / "hospitals" / "st-marys"))
     server.close()
+
+
+def test_the_superlink_start_command_serves_tls_with_the_checked_certificates(certs, tmp_path, site_file):
+    """`python -m server.superlink` as an operator runs it, from a shell whose PATH lacks this installation."""
+    import os
+    import subprocess
+    import sys
+    import time
+
+    import psutil
+
+    port = free_port()
+    env = {**os.environ, "PATH": "/usr/bin:/bin", "FLWR_HOME": str(tmp_path / "flwr-home")}
+    command = [sys.executable, "-m", "server.superlink", "--certs", str(certs), "--host", "127.0.0.1", "--port", str(port)]
+    process = subprocess.Popen(command, cwd=PROJECT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        deadline, answered = time.time() + 60, False
+        while time.time() < deadline and not answered and process.poll() is None:
+            try:  # a hospital's start checks pass against it: it answers over TLS with a certificate our CA signed
+                supernode_command(SuperNodeSetup(site_file, f"127.0.0.1:{port}", certs / "ca.crt", certs / "hospitals" / "st-marys"))
+                answered = True
+            except DeploymentError:
+                time.sleep(0.5)
+        assert answered, process.stdout.read1().decode() if process.poll() is not None else "no answer within 60 s"
+        time.sleep(2)
+        assert process.poll() is None  # still serving (it starts flower-superexec by name: PATH must reach it)
+    finally:
+        procs = [psutil.Process(process.pid), *psutil.Process(process.pid).children(recursive=True)] if process.poll() is None else []
+        for p in procs:
+            p.terminate()
+        psutil.wait_procs(procs, timeout=15)
