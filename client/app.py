@@ -73,9 +73,9 @@ def _reply(msg: Message, content: RecordDict, context: Context, site: _Site) -> 
 def _site_folder(msg: Message, site: _Site) -> Path | None:
     """Where this site keeps its report and audit log: its site file's report-dir, else (a simulated hospital) its
     folder in the run folder the server names, else nowhere."""
-    config = msg.content.config_records.get("config", {})
     if site.folder is not None:
         return site.folder
+    config = msg.content.config_records.get("config", {})
     return Path(config[wire.RUN_FOLDER]) / "hospitals" / site.data.name if wire.RUN_FOLDER in config else None
 
 

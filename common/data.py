@@ -43,6 +43,11 @@ class ImageSet:
         """The subset at the given row indices."""
         return ImageSet(self.images[rows], self.labels[rows], self.boxes[rows], self.source[rows])
 
+    def join(self, other: ImageSet) -> ImageSet:
+        """This set followed by another."""
+        return ImageSet(*(np.concatenate([a, b]) for a, b in zip((self.images, self.labels, self.boxes, self.source),
+                                                                 (other.images, other.labels, other.boxes, other.source))))  # fmt: skip
+
 
 def to_model_input(images: np.ndarray, size: int, channels: int = 1) -> np.ndarray:
     """uint8 or float images (n, h, w[, c]) as float32 (n, size, size, channels) in [0, 1], resized when needed."""

@@ -71,8 +71,7 @@ def write_demo_sites(cfg: RunConfig, out: Path, mixed: bool = False) -> list[Pat
     label, files = cfg.labels[0], []
     for hospital in range(cfg.num_hospitals):
         train, val = hospital_data(cfg, hospital)
-        both = ImageSet(*(np.concatenate([getattr(train, k), getattr(val, k)]) for k in ("images", "labels", "boxes", "source")))
-        write_class_folders(both, out / f"hospital-{hospital}", label, mixed)
+        write_class_folders(train.join(val), out / f"hospital-{hospital}", label, mixed)
         files.append(write_site_yaml(out / f"hospital-{hospital}.yaml", f"hospital-{hospital}", f"hospital-{hospital}", label, cfg.seed + hospital))
     write_class_folders(heldout_set(cfg), out / "heldout", label, mixed)
     files.append(write_site_yaml(out / "heldout.yaml", "heldout", "heldout", label, cfg.seed))

@@ -169,13 +169,12 @@ def _scan_with_cache(files: SiteFiles, site: SiteConfig, channels: int, progress
     table = fresh
     if reuse.any():
         old = known.loc[np.unique(files.paths[reuse])].reset_index()[fresh.columns]
-        old = old.assign(ok=old["ok"] == "True", height=old["height"].astype(int), width=old["width"].astype(int))
-        table = pd.concat([fresh, old])
+        table = pd.concat([fresh, old.assign(ok=old["ok"] == "True")])  # the cache holds text: 'False' would read as true
     table = table.drop_duplicates("path").set_index("path").loc[files.paths].reset_index()
     table = table.astype({"ok": bool, "height": int, "width": int})
     if cache is not None:
         cache.parent.mkdir(parents=True, exist_ok=True)
-        table.assign(stamp=[_stamp(p) for p in table["path"]], key=key).to_csv(cache, index=False)
+        table.assign(stamp=stamps, key=key).to_csv(cache, index=False)
     return table
 
 
@@ -187,6 +186,14 @@ def _unreadable_error(site: SiteConfig, bad: pd.DataFrame) -> DataError:
         f"site {site.name!r}: {len(bad)} file(s) cannot be read: {listed}{more}. Fix or remove them, or set "
         f"'skip-unreadable: true' in {site.path.name} to train without them (they are then listed in the site's report)"
     )
+
+
+def _readable(site: SiteConfig, files: SiteFiles, table: pd.DataFrame) -> tuple[SiteFiles, pd.DataFrame]:
+    """The files that read, and the (path, reason) of those that did not; refuses unless the site skips unreadable files."""
+    bad = table[~table["ok"]]
+    if len(bad) and not site.skip_unreadable:
+        raise _unreadable_error(site, bad)
+    return files.take(np.flatnonzero(table["ok"].to_numpy())), bad[["path", "reason"]].reset_index(drop=True)
 
 
 def _split(files: SiteFiles, site: SiteConfig) -> tuple[np.ndarray, np.ndarray]:
@@ -220,27 +227,19 @@ def load_site(site: SiteConfig, cfg: RunConfig, progress: Callable[[str], None] 
     the site skips them, and on a site left without images."""
     if site.layout == "npz":
         return _npz_site(site, cfg)
-    files, table = read_site(site, cfg, progress)
-    bad = table[~table["ok"]]
-    if len(bad) and not site.skip_unreadable:
-        raise _unreadable_error(site, bad)
-    files = files.take(np.flatnonzero(table["ok"].to_numpy()))
+    files, bad = _readable(site, *read_site(site, cfg, progress))
     if len(files) < 2:
         raise DataError(f"site {site.name!r}: {len(files)} readable image(s) under {site.data_root}: a site needs at least two to train and validate")
     train, val = _split(files, site)
-    return SiteData(site.name, files.take(train), files.take(val), bad[["path", "reason"]].reset_index(drop=True))
+    return SiteData(site.name, files.take(train), files.take(val), bad)
 
 
 def _heldout_from_site(site: SiteConfig, cfg: RunConfig) -> ImageSet:
     """Every readable image of a site, in memory at the model's input size (no boxes, source unknown)."""
     if site.layout == "npz":
         data = _npz_site(site, cfg)
-        return ImageSet(*(np.concatenate([getattr(data.train, k), getattr(data.val, k)]) for k in ("images", "labels", "boxes", "source")))
-    files, table = read_site(site, cfg)
-    bad = table[~table["ok"]]
-    if len(bad) and not site.skip_unreadable:
-        raise _unreadable_error(site, bad)
-    files = files.take(np.flatnonzero(table["ok"].to_numpy()))
+        return data.train.join(data.val)
+    files, _ = _readable(site, *read_site(site, cfg))
     images = np.stack([to_model_input(read_image(p, cfg.channels, site.dicom)[0][None], cfg.image_size, cfg.channels)[0] for p in files.paths])
     n = len(files)
     return ImageSet(images, files.labels, np.full((n, len(cfg.labels), 4), np.nan, np.float32), np.full(n, -1, np.int16))
@@ -272,12 +271,12 @@ class CheckReport:
     warnings: list[str]
 
 
-def _counts_table(labels: np.ndarray, run_labels: tuple[str, ...], train: np.ndarray, val: np.ndarray) -> list[str]:
-    """Images per label and split, positives and negatives, as aligned text lines."""
+def _counts_table(train: np.ndarray, val: np.ndarray, run_labels: tuple[str, ...]) -> list[str]:
+    """Images per label and split (labels (n, n_labels) of each), positives and negatives, as aligned text lines."""
     width = max(8, *map(len, run_labels))
     lines = [f"  {'label':<{width}}  {'train +':>8}  {'train -':>8}  {'val +':>8}  {'val -':>8}"]
     for j, name in enumerate(run_labels):
-        t, v = labels[train, j], labels[val, j]
+        t, v = train[:, j], val[:, j]
         lines.append(f"  {name:<{width}}  {int(t.sum()):>8}  {int((t == 0).sum()):>8}  {int(v.sum()):>8}  {int((v == 0).sum()):>8}")
     return lines
 
@@ -293,8 +292,9 @@ def _spread(table: pd.DataFrame) -> list[str]:
     ]
 
 
-def _duplicates(files: SiteFiles, table: pd.DataFrame) -> tuple[list[str], list[str]]:
-    """Report lines on exact duplicates (same bytes) and the warnings they raise: conflicting labels, both splits."""
+def _duplicates(files: SiteFiles, table: pd.DataFrame, val_rows: np.ndarray) -> tuple[list[str], list[str]]:
+    """Report lines on exact duplicates (same bytes) and the warnings they raise: conflicting labels, copies on both
+    sides of the split (val_rows: the validation files' rows of the table)."""
     ok = table[table["ok"]]
     groups = [rows.tolist() for _, rows in ok.groupby("sha256").groups.items() if len(rows) > 1]
     if not groups:
@@ -305,6 +305,9 @@ def _duplicates(files: SiteFiles, table: pd.DataFrame) -> tuple[list[str], list[
     conflicting = [g for g in groups if len({files.labels[r].tobytes() for r in g}) > 1]
     if conflicting:
         warnings.append(f"{len(conflicting)} duplicate group(s) carry different labels for the same image, e.g. {files.paths[conflicting[0][0]]}")
+    val = set(val_rows.tolist())
+    if any(0 < len(set(g) & val) < len(g) for g in groups):
+        warnings.append("exact duplicates fall on both sides of the train/validation split: validation figures will flatter the model")
     return lines, warnings
 
 
@@ -320,8 +323,7 @@ def check_site(site: SiteConfig, cfg: RunConfig, progress: Callable[[str], None]
     warnings: list[str] = []
     try:
         if site.layout == "npz":
-            data = _npz_site(site, cfg)
-            files, table, train_rows, val_rows = None, None, None, None
+            data, files = _npz_site(site, cfg), None
         else:
             files, table = read_site(site, cfg, progress)
     except (DataError, ConfigError) as exc:
@@ -345,7 +347,6 @@ def check_site(site: SiteConfig, cfg: RunConfig, progress: Callable[[str], None]
         except DataError as exc:
             blocking.append(str(exc))
             return CheckReport(lines + [f"ERROR: {exc}"], blocking, warnings)
-        train_rows, val_rows = readable[train], readable[val]
         data = SiteData(site.name, kept.take(train), kept.take(val), bad[["path", "reason"]])
         lines += _spread(table[table["ok"]])
         known = kept.patients != ""
@@ -357,22 +358,17 @@ def check_site(site: SiteConfig, cfg: RunConfig, progress: Callable[[str], None]
                 blocking.append(f"{len(both)} patient(s) in both splits")
         else:
             lines.append("Patients: no patient IDs (no patient column, no DICOM PatientID): the split is per image")
-        dup_lines, dup_warnings = _duplicates(files, table)
+        dup_lines, dup_warnings = _duplicates(files, table, readable[val])
         lines += dup_lines
         warnings += dup_warnings
-        for group in table[table["ok"]].groupby("sha256").groups.values():
-            if len(set(group) & set(val_rows.tolist())) and len(set(group) & set(train_rows.tolist())):
-                warnings.append("exact duplicates fall on both sides of the train/validation split: validation figures will flatter the model")
-                break
     lines.append("Images per label and split (+ positive, - negative):")
-    all_labels = np.concatenate([data.train.labels, data.val.labels])
-    lines += _counts_table(all_labels, cfg.labels, np.arange(len(data.train)), np.arange(len(data.train), len(all_labels)))
-    for j, name in enumerate(cfg.labels):
-        if data.val.labels[:, j].min() == data.val.labels[:, j].max():
-            warnings.append(f"label {name!r}: the validation split has only {'positives' if data.val.labels[0, j] else 'negatives'}; the site's own AUC is undefined")
+    lines += _counts_table(data.train.labels, data.val.labels, cfg.labels)
     if len(data.train) == 0 or len(data.val) == 0:
         blocking.append("an empty training or validation split")
         return CheckReport(lines, blocking, warnings)
+    for j, name in enumerate(cfg.labels):
+        if data.val.labels[:, j].min() == data.val.labels[:, j].max():
+            warnings.append(f"label {name!r}: the validation split has only {'positives' if data.val.labels[0, j] else 'negatives'}; the site's own AUC is undefined")
     batch = next(iter(dataset(data.val, cfg, training=False, dicom=site.dicom).take(1)))[0]
     lines.append(
         f"Model input: batches of {tuple(batch.shape[1:])} {batch.dtype.name}, values {float(tf.reduce_min(batch)):.3f} to "

@@ -8,6 +8,7 @@ import ssl
 from pathlib import Path
 
 from cryptography import x509
+from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 
 
@@ -43,7 +44,7 @@ def check_server_files(ca_file: Path, cert_file: Path, key_file: Path) -> None:
     cert = load_certificate(cert_file, "SuperLink certificate")
     try:
         cert.verify_directly_issued_by(ca)
-    except (ValueError, TypeError, Exception) as exc:  # noqa: BLE001 - InvalidSignature and friends: one message
+    except (InvalidSignature, ValueError, TypeError) as exc:
         raise DeploymentError(f"SuperLink certificate {cert_file}: not signed by the CA {ca_file} ({type(exc).__name__})") from exc
     try:
         key = serialization.load_pem_private_key(_read(key_file, "SuperLink key"), None)

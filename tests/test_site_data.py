@@ -349,3 +349,14 @@ def test_a_second_start_reads_only_the_files_that_changed(tmp_path):
     _png(victim, 3)
     os.utime(victim, ns=(1, 1))  # an old time but a new size: still read again
     assert len(load_site(site, _run()).unreadable) == 0
+
+
+def test_duplicates_with_other_labels_or_across_the_split_are_warned_about():
+    from common.site_data import SiteFiles, _duplicates
+
+    files = SiteFiles(np.array(["a.png", "b.png", "c.png", "d.png"]), np.array([[1], [0], [1], [1]], np.uint8), np.full(4, "", dtype=object))
+    table = pd.DataFrame({"ok": [True] * 4, "sha256": ["x", "x", "y", "z"]})  # a and b: the same bytes, different labels
+    lines, warnings = _duplicates(files, table, val_rows=np.array([1]))
+    assert lines == ["Exact duplicates: 1 group(s), 2 files", "  a.png = b.png"]
+    assert "different labels for the same image, e.g. a.png" in warnings[0] and "both sides of the train/validation split" in warnings[1]
+    assert _duplicates(files, table, val_rows=np.array([0, 1]))[1][1:] == []  # both copies in validation: no leak
