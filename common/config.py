@@ -13,6 +13,7 @@ MODELS = ("lightcnn", "seedcnn")
 PARTITIONS = ("iid", "dirichlet")
 LOSSES = ("bce", "focal")
 WEIGHTINGS = ("none", "balanced")
+AGGREGATIONS = ("fedavg", "fedadam")
 
 
 class ConfigError(ValueError):
@@ -44,6 +45,9 @@ class RunConfig:
     learning_rate: float = _setting(3e-3, _positive, "a number > 0", "Adam's learning rate")
     fraction_train: float = _setting(1.0, _fraction, "a number in (0, 1]", "share of hospitals sampled to train each round")
     fraction_evaluate: float = _setting(1.0, _fraction, "a number in (0, 1]", "share of hospitals sampled to validate each round")
+    aggregation: str = _setting("fedavg", lambda v: v in AGGREGATIONS, f"one of {', '.join(AGGREGATIONS)}", "fedavg: the example-weighted mean; fedadam: that mean's step taken by a server-side Adam (Reddi et al. 2021)")
+    server_learning_rate: float = _setting(0.01, _positive, "a number > 0", "fedadam: the server Adam's learning rate")
+    proximal_mu: float = _setting(0.0, lambda v: v >= 0, "a number >= 0 (0: off)", "FedProx: weight mu of the term mu/2 ||w - w_global||^2 in each hospital's training loss")
     min_hospitals: int = _setting(2, _positive, "an integer >= 1", "fewest hospitals a round may start with")
     round_timeout: float = _setting(600.0, _positive, "a number of seconds > 0", "how long the server waits for replies")
     early_stop_rounds: int = _setting(0, lambda v: v >= 0, "an integer >= 0 (0: off)", "stop after this many rounds without a better pooled AUC")
@@ -66,6 +70,7 @@ class RunConfig:
     dirichlet_alpha: float = _setting(0.5, _positive, "a number > 0", "label-skew concentration (smaller: more skew)")
     scanner_spread: float = _setting(1.0, lambda v: 0 <= v <= 2, "a number in [0, 2]", "how much hospitals' scanners differ (0: identical)")
     val_fraction: float = _setting(0.2, lambda v: 0 < v < 1, "a number in (0, 1)", "share of a hospital's images kept for validation")
+    test_fraction: float = _setting(0.0, lambda v: 0 <= v < 0.5, "a number in [0, 0.5)", "simulated hospitals: share of a hospital's images held back as its local test set, never trained or validated on (benchmarks)")
     threshold: float = _setting(0.5, lambda v: 0 < v < 1, "a probability in (0, 1)", "decision threshold for sensitivity and specificity")
     target_sensitivity: float = _setting(0.8, lambda v: 0 < v < 1, "a number in (0, 1)", "sensitivity the operating point must reach, chosen on pooled validation")
     min_histogram_images: int = _setting(20, lambda v: v >= 0, "an integer >= 0", "a site with fewer validation images sends counts but no histograms")

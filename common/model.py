@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import keras
 import numpy as np
+import tensorflow as tf
 
 LAST_CONV = "last_conv"
 LOGITS = "logits"
@@ -101,12 +103,51 @@ def set_class_weights(model: keras.Model, positive: np.ndarray, negative: np.nda
     model.loss.negative_weight.assign(negative.astype(np.float32))
 
 
-def build_model(name: str, input_shape: tuple[int, int, int], n_labels: int, learning_rate: float, focal_gamma: float = 0.0) -> keras.Model:
+@dataclass(frozen=True)
+class _Anchor:
+    """The global weights a FedProx round starts from; a plain holder, so Keras does not count them as model weights."""
+
+    weights: tuple[tf.Variable, ...]
+
+
+class ProximalModel(keras.Model):
+    """A functional model whose training loss adds FedProx's proximal term mu/2 ||w - w_global||^2 (Li et al. 2020).
+
+    Each hospital sets the anchor w_global (set_anchor) to the global weights before it trains; the term then keeps
+    its local steps near the global model when hospitals' data differ. Evaluation losses leave the term out.
+    """
+
+    def __init__(self, inputs, outputs, mu: float, **kwargs):
+        super().__init__(inputs=inputs, outputs=outputs, **kwargs)
+        self.mu = float(mu)
+        self.anchor = _Anchor(tuple(tf.Variable(w.numpy(), trainable=False) for w in self.trainable_weights))
+
+    def compute_loss(self, x=None, y=None, y_pred=None, sample_weight=None, training=True):
+        """The compiled loss, plus the proximal term while training."""
+        loss = super().compute_loss(x, y, y_pred, sample_weight, training=training)
+        if not training:
+            return loss
+        drift = keras.ops.sum(keras.ops.stack([keras.ops.sum(keras.ops.square(w - a)) for w, a in zip(self.trainable_weights, self.anchor.weights)]))
+        return loss + 0.5 * self.mu * drift
+
+
+def set_anchor(model: keras.Model) -> None:
+    """Take the model's current (global) weights as the FedProx anchor; nothing to do for a model without the term."""
+    if isinstance(model, ProximalModel):
+        for anchor, weight in zip(model.anchor.weights, model.trainable_weights):
+            anchor.assign(weight.value)
+
+
+def build_model(
+    name: str, input_shape: tuple[int, int, int], n_labels: int, learning_rate: float, focal_gamma: float = 0.0, proximal_mu: float = 0.0,
+) -> keras.Model:  # fmt: skip
     """Build and compile a named architecture: (weighted, optionally focal) binary cross-entropy on logits, one per
-    label (multi-label ready), Adam."""
+    label (multi-label ready), Adam; with FedProx's proximal term when proximal_mu > 0."""
     if name not in ARCHITECTURES:
         raise ValueError(f"unknown model {name!r}: expected one of {', '.join(ARCHITECTURES)}")
     model = ARCHITECTURES[name](input_shape, n_labels)
+    if proximal_mu > 0:
+        model = ProximalModel(model.inputs, model.outputs, proximal_mu, name=model.name)
     model.compile(optimizer=keras.optimizers.Adam(learning_rate), loss=WeightedFocalLoss(n_labels, focal_gamma))
     return model
 

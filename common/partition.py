@@ -15,6 +15,7 @@ MIN_IMAGES_PER_HOSPITAL = 10
 # when the sickest patients are imaged on a portable scanner: there the tag is the easier cue, so a model learns it.
 SHORTCUT_FADE = 0.4
 HELDOUT_SEED_OFFSET = 1_000_003  # the server's held-out images are another draw of the generator
+TEST_SEED_OFFSET = 7919  # a hospital's local test share is drawn apart from its validation split
 _DIRICHLET_TRIES = 1000
 
 
@@ -120,8 +121,8 @@ def _pool_images(cfg: RunConfig, rows: np.ndarray, labels: np.ndarray, hospital:
     return to_model_input(images[rows], cfg.image_size, cfg.channels), np.full((len(rows), len(cfg.labels), 4), np.nan, np.float32)
 
 
-def hospital_data(cfg: RunConfig, hospital: int) -> tuple[ImageSet, ImageSet]:
-    """Hospital `hospital`'s (train, validation) images, seen through its scanner."""
+def _hospital_images(cfg: RunConfig, hospital: int) -> ImageSet:
+    """All of hospital `hospital`'s images, seen through its scanner."""
     if not 0 <= hospital < cfg.num_hospitals:
         raise ConfigError(f"hospital {hospital} does not exist: run setting 'num-hospitals' = {cfg.num_hospitals}")
     labels = pool_labels(cfg)
@@ -130,9 +131,28 @@ def hospital_data(cfg: RunConfig, hospital: int) -> tuple[ImageSet, ImageSet]:
     images = apply_scanner(images, scanner_for(hospital, cfg.seed, cfg.scanner_spread), np.random.default_rng([cfg.seed, 0x1A6E, hospital]))
     source = np.full(len(rows), hospital, np.int16)
     _mark_shortcut(images, labels[rows], source, cfg)
-    local = ImageSet(images, labels[rows], boxes, source)
+    return ImageSet(images, labels[rows], boxes, source)
+
+
+def _test_split(labels: np.ndarray, cfg: RunConfig, hospital: int) -> tuple[np.ndarray, np.ndarray]:
+    """Row indices (kept, local test share) of a hospital's images; no test share when test-fraction is 0."""
+    if cfg.test_fraction == 0:
+        return np.arange(len(labels)), np.arange(0)
+    return stratified_split(labels, cfg.test_fraction, cfg.seed + TEST_SEED_OFFSET + hospital)
+
+
+def hospital_data(cfg: RunConfig, hospital: int) -> tuple[ImageSet, ImageSet]:
+    """Hospital `hospital`'s (train, validation) images, seen through its scanner; its local test share left out."""
+    local = _hospital_images(cfg, hospital)
+    local = local.take(_test_split(local.labels, cfg, hospital)[0])
     train, val = stratified_split(local.labels, cfg.val_fraction, cfg.seed + hospital)
     return local.take(train), local.take(val)
+
+
+def hospital_test(cfg: RunConfig, hospital: int) -> ImageSet:
+    """Hospital `hospital`'s local test share (test-fraction of its images), never trained or validated on."""
+    local = _hospital_images(cfg, hospital)
+    return local.take(_test_split(local.labels, cfg, hospital)[1])
 
 
 def heldout_set(cfg: RunConfig) -> ImageSet:

@@ -48,7 +48,7 @@ def run_federation(grid: Grid, cfg: RunConfig) -> None:
         load_initial_weights(model, cfg.initial_weights)
     sample_rows = gradcam_sample(heldout, cfg)
     sample = heldout.take(sample_rows)
-    strategy = HospitalFedAvg(cfg, [tuple(w.shape) for w in model.get_weights()])
+    strategy = HospitalFedAvg(cfg, [tuple(w.shape) for w in model.get_weights()], [w.trainable for w in model.weights])
     arrays = ArrayRecord(model.get_weights())
     config = ConfigRecord({wire.RUN_FOLDER: str(folder)})
 

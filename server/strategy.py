@@ -15,6 +15,7 @@ from flwr.serverapp.strategy import FedAvg
 from common import wire
 from common.config import RunConfig
 from common.metrics import figures, operating_point
+from server.aggregation import ServerAdam, weighted_mean
 
 log = logging.getLogger(__name__)
 
@@ -39,10 +40,13 @@ class RoundRecord:
 
 
 class HospitalFedAvg(FedAvg):
-    """FedAvg over hospitals whose replies are validated one by one: a broken reply is recorded and left out, never fatal."""
+    """FedAvg over hospitals whose replies are validated one by one: a broken reply is recorded and left out, never fatal.
 
-    def __init__(self, cfg: RunConfig, weight_shapes: list[tuple[int, ...]]) -> None:
-        """Sampling from the run settings; weight shapes to check train replies against."""
+    With aggregation = fedadam the example-weighted mean is not taken as is: a server-side Adam steps towards it.
+    """
+
+    def __init__(self, cfg: RunConfig, weight_shapes: list[tuple[int, ...]], trainable: list[bool]) -> None:
+        """Sampling from the run settings; weight shapes to check train replies against, and which weights are trainable."""
         super().__init__(
             fraction_train=cfg.fraction_train,
             fraction_evaluate=cfg.fraction_evaluate,
@@ -57,6 +61,8 @@ class HospitalFedAvg(FedAvg):
         self.sites: dict[int, str] = {}  # node id -> site name, learnt from valid replies
         self.sent: dict[str, list[int]] = {}  # phase -> node ids asked this round
         self.record = RoundRecord()
+        self.server_adam = ServerAdam(cfg.server_learning_rate, trainable) if cfg.aggregation == "fedadam" else None
+        self.current: list[np.ndarray] = []  # the global weights sent out this round
 
     def _site(self, node_id: int) -> str:
         """A node's site name where a reply has told it, else its node id."""
@@ -98,6 +104,7 @@ class HospitalFedAvg(FedAvg):
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
         """Start a new round record and remember whom we asked to train."""
         self.record = RoundRecord()
+        self.current = arrays.to_numpy_ndarrays()
         messages = list(super().configure_train(server_round, arrays, config, grid))
         self.sent["train"] = [m.metadata.dst_node_id for m in messages]
         return messages
@@ -109,7 +116,8 @@ class HospitalFedAvg(FedAvg):
         return messages
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        """Example-weighted mean of the valid replies' weights; None (keep the global model) below min-hospitals."""
+        """Example-weighted mean of the valid replies' weights (or FedAdam's step towards it); None (keep the global
+        model) below min-hospitals."""
         parse = lambda content: wire.parse_train_reply(content, self.weight_shapes, self.cfg.labels)  # noqa: E731
         accepted: list[wire.TrainReply] = self._accept("train", replies, parse)
         self.record.trained = {r.site: r.num_examples for r in accepted}
@@ -121,7 +129,9 @@ class HospitalFedAvg(FedAvg):
             )  # fmt: skip
             return None, None
         total = sum(r.num_examples for r in accepted)
-        weights = [sum(r.weights[i] * (r.num_examples / total) for r in accepted) for i in range(len(self.weight_shapes))]
+        weights = weighted_mean([r.weights for r in accepted], [r.num_examples for r in accepted])
+        if self.server_adam is not None:
+            weights = self.server_adam.step(self.current, weights)
         self.record.train_loss = sum(r.train_loss * r.num_examples for r in accepted) / total
         metrics = MetricRecord({wire.NUM_EXAMPLES: total, wire.TRAIN_LOSS: self.record.train_loss})
         return ArrayRecord([w.astype(accepted[0].weights[i].dtype) for i, w in enumerate(weights)]), metrics

@@ -6,7 +6,7 @@ import keras
 import numpy as np
 import pytest
 
-from common.model import LAST_CONV, build_model, class_weights, load_initial_weights, reset_optimizer, set_class_weights
+from common.model import LAST_CONV, build_model, class_weights, load_initial_weights, reset_optimizer, set_anchor, set_class_weights
 
 
 @pytest.mark.parametrize("name", ["lightcnn", "seedcnn"])
@@ -75,3 +75,19 @@ def test_initial_weights_of_another_architecture_are_a_clear_error(tmp_path):
     build_model("seedcnn", (16, 16, 1), 1, 1e-3).save(path)
     with pytest.raises(ValueError, match="do not fit model 'lightcnn'"):
         load_initial_weights(build_model("lightcnn", (16, 16, 1), 1, 1e-3), str(path))
+
+
+def test_the_proximal_term_keeps_local_training_near_the_global_weights_and_stays_on_the_site():
+    rng = np.random.default_rng(0)
+    x, y = rng.random((64, 16, 16, 1), np.float32), (rng.random((64, 1)) > 0.5).astype(np.float32)
+    drift = {}
+    for mu in (0.0, 10.0):
+        keras.utils.set_random_seed(1)
+        model = build_model("lightcnn", (16, 16, 1), 1, 0.01, proximal_mu=mu)
+        set_anchor(model)
+        start = model.get_weights()
+        assert len(start) == 17  # the anchor is not a model weight, so it is never sent
+        model.fit(x, y, epochs=3, batch_size=16, verbose=0)
+        trainable = [w.trainable for w in model.weights]
+        drift[mu] = sum(float(((a - b) ** 2).sum()) for a, b, t in zip(model.get_weights(), start, trainable) if t)
+    assert drift[10.0] < 0.5 * drift[0.0]

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from common.config import ConfigError, parse_run_config
-from common.partition import Scanner, apply_scanner, assign_hospitals, heldout_set, hospital_data, pool_labels, scanner_for
+from common.partition import Scanner, apply_scanner, assign_hospitals, heldout_set, hospital_data, hospital_test, pool_labels, scanner_for
 
 
 def _cfg(**settings):
@@ -51,6 +51,19 @@ def test_hospital_splits_are_disjoint_and_stratified_and_cover_the_hospital():
         train_keys = {img.tobytes() for img in train.images}
         assert not any(img.tobytes() in train_keys for img in val.images)
         assert (train.source == h).all() and (val.source == h).all()
+
+
+def test_a_local_test_share_is_held_back_from_training_and_validation():
+    cfg = _cfg(**{"num-hospitals": 2, "images-per-hospital": 100, "test-fraction": 0.25})
+    train, val = hospital_data(cfg, 1)
+    test = hospital_test(cfg, 1)
+    seen = {img.tobytes() for part in (train, val) for img in part.images}
+    assert len(test) + len(train) + len(val) == 100 and abs(len(test) - 25) <= 1
+    assert not seen & {img.tobytes() for img in test.images}
+    assert 0 < test.labels.mean() < 1  # stratified: both classes
+    plain = _cfg(**{"num-hospitals": 2, "images-per-hospital": 100})
+    assert len(hospital_test(plain, 1)) == 0
+    assert len(hospital_data(plain, 1)[0]) + len(hospital_data(plain, 1)[1]) == 100
 
 
 def test_scanners_differ_between_hospitals_and_vanish_at_zero_spread():

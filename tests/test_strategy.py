@@ -27,7 +27,7 @@ def _train_reply(node_id: int, site: str, value: float, n: int) -> Message:
 
 def _strategy(**settings) -> HospitalFedAvg:
     cfg = parse_run_config({"num-hospitals": 4, "min-hospitals": 2, "histogram-bins": 50, **settings})
-    strategy = HospitalFedAvg(cfg, SHAPES)
+    strategy = HospitalFedAvg(cfg, SHAPES, [True, False])  # the second array stands for batch-norm statistics
     strategy.sent = {"train": [1, 2, 3, 4], "evaluate": [1, 2, 3]}
     return strategy
 
@@ -50,6 +50,21 @@ def test_weights_are_averaged_by_image_count_and_bad_replies_are_recorded_by_sit
     assert len(failures) == 2
     assert failures[0].startswith("hospital-c (train): invalid reply: weights have shapes [(9,)]")
     assert failures[1].startswith("node 4 (train): no reply within round-timeout")
+
+
+def test_fedadam_steps_trainable_weights_towards_the_mean_and_takes_the_mean_for_statistics():
+    strategy = _strategy(aggregation="fedadam", **{"server-learning-rate": 0.1})
+    strategy.current = [np.zeros(s, np.float32) for s in SHAPES]
+    replies = [_train_reply(1, "hospital-a", 1.0, 100), _train_reply(2, "hospital-b", 4.0, 300)]
+    first = strategy.aggregate_train(1, replies)[0].to_numpy_ndarrays()
+    mean, tau = 3.25, 1e-3
+    m, v = 0.1 * mean, 0.99 * tau**2 + 0.01 * mean**2
+    assert np.allclose(first[0], 0.1 * m / (np.sqrt(v) + tau), rtol=1e-5)  # Adam's step along mean - global
+    assert 0 < first[0][0, 0] < mean
+    assert np.allclose(first[1], mean)  # not trainable: the hospitals' mean as FedAvg takes it
+    strategy.current = first  # the second round keeps the moments of the first
+    second = strategy.aggregate_train(2, replies)[0].to_numpy_ndarrays()
+    assert first[0][0, 0] < second[0][0, 0] < mean
 
 
 def test_client_errors_and_non_finite_weights_are_left_out_and_below_min_hospitals_the_model_is_kept():

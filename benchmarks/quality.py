@@ -1,0 +1,307 @@
+"""Federated quality against pooled and single-hospital training, on PneumoniaMNIST at its native 28x28.
+
+    .venv/bin/python benchmarks/quality.py                        # every method, 3 seeds (about 50 min on 2 cores)
+    .venv/bin/python benchmarks/quality.py --seeds 1 --only fedavg-dirichlet-0.5
+
+Every method sees the same images and the same number of passes over them (rounds x local epochs = epochs):
+- pooled: the same CNN trained in one process on all hospitals' training shares together (the ceiling);
+- local-only: each hospital trains alone on its own training share;
+- the federated methods run the real Flower simulation (`python -m server.simulate`) with 5 hospitals.
+Each simulated hospital holds back a stratified local test share (`test-fraction`) that no method trains or validates
+on; the official test split is the held-out set of every method. The operating point is the threshold that reaches
+the target sensitivity on validation data (the pooled hospitals' validation histograms for the federated model, the
+pooled or own validation share for the others), then applied unchanged to the test images.
+
+Writes benchmarks/results/quality.csv (one row per method, split and seed), quality-sites.csv (each hospital's local
+test AUC alone, with the global model and with the pooled model), quality-rounds.csv (test AUC after each round) and
+quality.png; prints the summary table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import keras  # noqa: E402
+import matplotlib  # noqa: E402
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+
+PROJECT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(PROJECT))
+
+from common.config import RunConfig, parse_run_config, project_settings  # noqa: E402
+from common.data import ImageSet  # noqa: E402
+from common.metrics import clinical_figures, confusion_counts, figures, operating_point, statistics  # noqa: E402
+from common.model import build_model, class_weights, set_class_weights  # noqa: E402
+from common.partition import heldout_set, hospital_data, hospital_test  # noqa: E402
+from common.pipeline import dataset  # noqa: E402
+from common.runtime import configure_tensorflow  # noqa: E402
+
+PNEUMONIAMNIST = PROJECT.parent / "shared" / "data" / "pneumoniamnist.npz"
+RESULTS = PROJECT / "benchmarks" / "results"
+BASE = {"labels": "pneumonia", "image-size": 28, "num-hospitals": 5, "test-fraction": 0.2, "gradcam-images": 0}
+SPLITS = {
+    "iid": {"partition": "iid", "scanner-spread": 0.0},
+    "dirichlet-0.5": {"partition": "dirichlet", "dirichlet-alpha": 0.5, "scanner-spread": 0.0},
+    "dirichlet-0.1": {"partition": "dirichlet", "dirichlet-alpha": 0.1, "scanner-spread": 0.0},
+    "scanners": {"partition": "iid", "scanner-spread": 2.0},  # contrast x0.7-1.3, brightness +-0.16, noise up to 0.04
+}
+FEDERATED = {  # method -> (split, extra run settings)
+    "fedavg-iid": ("iid", {}),
+    "fedavg-dirichlet-0.5": ("dirichlet-0.5", {}),
+    "fedavg-dirichlet-0.1": ("dirichlet-0.1", {}),
+    "fedavg-scanners": ("scanners", {}),
+    "fedprox-dirichlet-0.5": ("dirichlet-0.5", {"proximal-mu": 0.01}),
+    "fedadam-dirichlet-0.5": ("dirichlet-0.5", {"aggregation": "fedadam", "server-learning-rate": 0.01}),
+}
+TARGET_AUC, TARGET_GAP = 0.95, 0.01
+
+
+def run_config(data: Path, split: str, seed: int, rounds: int, epochs: int, extra: dict | None = None) -> dict:
+    """The run settings of one method on one split and seed."""
+    return {**project_settings(), **BASE, **SPLITS[split], **(extra or {}), "data": str(data), "seed": seed,
+            "num-server-rounds": rounds, "local-epochs": epochs}  # fmt: skip
+
+
+def scores(model: keras.Model, images: np.ndarray) -> np.ndarray:
+    """The model's logits (n, n_labels)."""
+    return model.predict(images, batch_size=256, verbose=0)
+
+
+def test_figures(logits: np.ndarray, labels: np.ndarray, thresholds: np.ndarray, cfg: RunConfig) -> dict:
+    """AUC, and sensitivity and specificity at the operating point chosen on validation data."""
+    row = figures(*statistics(logits, labels, cfg.threshold, cfg.histogram_bins), cfg.labels)
+    at = clinical_figures(confusion_counts(logits, labels, np.nan_to_num(thresholds, nan=0.5))[0])
+    return {"test_auc": row["auc"], "test_sensitivity": at["sensitivity"], "test_specificity": at["specificity"]}
+
+
+def chosen_thresholds(logits: np.ndarray, labels: np.ndarray, cfg: RunConfig) -> np.ndarray:
+    """The threshold per label reaching the target sensitivity on these validation scores."""
+    _, pos, neg = statistics(logits, labels, cfg.threshold, cfg.histogram_bins)
+    return operating_point(pos, neg, cfg.target_sensitivity, cfg.labels)[0]
+
+
+def local_auc(model: keras.Model, share: ImageSet, cfg: RunConfig) -> float:
+    """AUC on a hospital's local test share; NaN where the share lacks a class."""
+    return figures(*statistics(scores(model, share.images), share.labels, cfg.threshold, cfg.histogram_bins), cfg.labels)["auc"]
+
+
+def train_alone(cfg: RunConfig, train: ImageSet, val: ImageSet, test: ImageSet, seed: int) -> list[dict]:
+    """The CNN trained in one process for rounds x local epochs on these images, as the clients train it. After each
+    round's worth of epochs: the validation AUC, the operating point chosen on validation, and the test figures there;
+    with the model of the final round and of the round with the best validation AUC."""
+    keras.backend.clear_session()
+    keras.utils.set_random_seed(seed)
+    model = build_model(cfg.model, (cfg.image_size, cfg.image_size, cfg.channels), len(cfg.labels), cfg.learning_rate)
+    set_class_weights(model, *class_weights(train.labels))
+    data = dataset(train, cfg, training=True, seed=seed)
+    rounds, best = [], None
+    for r in range(cfg.num_server_rounds):
+        model.fit(data, epochs=cfg.local_epochs, shuffle=False, verbose=0)
+        val_logits = scores(model, val.images)
+        val_auc = figures(*statistics(val_logits, val.labels, cfg.threshold, cfg.histogram_bins), cfg.labels)["auc"]
+        thresholds = chosen_thresholds(val_logits, val.labels, cfg)
+        rounds.append({"round": r + 1, "val_auc": val_auc, **test_figures(scores(model, test.images), test.labels, thresholds, cfg)})
+        if best is None or not val_auc <= best[0]:  # a NaN validation AUC (one class) keeps the latest
+            best = (val_auc, model.get_weights())
+    final = model.get_weights()
+    return rounds, final, best[1], model
+
+
+def _pick(rounds: list[dict]) -> tuple[dict, dict]:
+    """The final round's figures and those of the round with the best validation AUC (the latest where none is defined)."""
+    aucs = np.array([r["val_auc"] for r in rounds], float)
+    chosen = len(rounds) - 1 if np.isnan(aucs).all() else int(np.nanargmax(aucs))
+    return rounds[-1], rounds[chosen]
+
+
+def _figures_row(final: dict, selected: dict) -> dict:
+    """The test columns of a results row: final round, and round selected on validation."""
+    keys = ("test_auc", "test_sensitivity", "test_specificity")
+    return {**{k: final[k] for k in keys}, **{f"selected_{k}": selected[k] for k in keys}, "selected_round": selected["round"]}
+
+
+def hospitals(cfg: RunConfig) -> list[tuple[ImageSet, ImageSet, ImageSet]]:
+    """Every simulated hospital's (train, validation, local test) shares."""
+    return [(*hospital_data(cfg, h), hospital_test(cfg, h)) for h in range(cfg.num_hospitals)]
+
+
+def _local_aucs(model: keras.Model, weights: tuple, share: ImageSet, cfg: RunConfig) -> tuple[float, float]:
+    """AUC on a local test share of the final and of the selected weights."""
+    out = []
+    for w in weights:
+        model.set_weights(w)
+        out.append(local_auc(model, share, cfg))
+    return out[0], out[1]
+
+
+def run_pooled(cfg: RunConfig, split: str, seed: int) -> tuple[dict, list[dict], list[dict]]:
+    """Pooled training on every hospital's training share; its figures, local-share AUCs and curve."""
+    shares, test = hospitals(cfg), heldout_set(cfg)
+    train, val = shares[0][0], shares[0][1]
+    for tr, va, _ in shares[1:]:
+        train, val = train.join(tr), val.join(va)
+    rounds, final, selected, model = train_alone(cfg, train, val, test, seed)
+    row = {"method": "pooled", "split": split, "seed": seed, **_figures_row(*_pick(rounds))}
+    sites = []
+    for h, share in enumerate(s[2] for s in shares):
+        last, chosen = _local_aucs(model, (final, selected), share, cfg)
+        sites.append({"split": split, "seed": seed, "hospital": h, "pooled_local_auc": last, "pooled_selected_local_auc": chosen})
+    return row, sites, [{"method": "pooled", "split": split, "seed": seed, **r} for r in rounds]
+
+
+def run_local(cfg: RunConfig, split: str, seed: int) -> tuple[dict, list[dict]]:
+    """Each hospital trained alone; the image-weighted mean of their test figures, and each one's AUC on its own share."""
+    test = heldout_set(cfg)
+    rows, sites = [], []
+    for h, (train, val, share) in enumerate(hospitals(cfg)):
+        rounds, final, selected, model = train_alone(cfg, train, val, test, seed)
+        rows.append({**_figures_row(*_pick(rounds)), "n": len(train)})
+        last, chosen = _local_aucs(model, (final, selected), share, cfg)
+        sites.append({"split": split, "seed": seed, "hospital": h, "n_train": len(train), "n_local_test": len(share),
+                      "positives_local_test": int(share.labels.sum()), "alone_local_auc": last, "alone_selected_local_auc": chosen,
+                      "alone_test_auc": rows[-1]["test_auc"]})  # fmt: skip
+    table = pd.DataFrame(rows)
+    columns = [c for c in table.columns if c.startswith(("test_", "selected_test_"))]
+    mean = {k: float(np.average(table[k], weights=table["n"])) for k in columns}
+    return {"method": "local-only", "split": split, "seed": seed, **mean, "worst_test_auc": float(table["test_auc"].min())}, sites
+
+
+def run_federated(method: str, cfg: RunConfig, settings: dict, split: str, seed: int, workdir: Path) -> tuple[dict, list[dict], list[dict]]:
+    """One federated run through the Flower simulation; its final figures and those of the round with the best pooled
+    validation AUC, the global model's AUC on each hospital's local share, and its held-out AUC after each round."""
+    name = f"quality-{method}-seed{seed}-{time.strftime('%H%M%S')}"
+    overrides = " ".join(f"{k}={_toml(v)}" for k, v in {**settings, "output-dir": str(workdir), "run-name": name}.items())
+    started = time.time()
+    done = subprocess.run([sys.executable, "-m", "server.simulate", "-c", overrides], cwd=PROJECT, capture_output=True, text=True)
+    if done.returncode != 0:
+        raise RuntimeError(f"{method} seed {seed}: the simulation failed:\n{done.stderr[-3000:]}")
+    folder = workdir / name
+    history = pd.read_csv(folder / "history.csv")
+    rounds = [{"round": int(r["round"]), "val_auc": r["global_auc"], "test_auc": r["heldout_auc"],
+               "test_sensitivity": r["heldout_sensitivity_at_threshold"], "test_specificity": r["heldout_specificity_at_threshold"]}
+              for _, r in history.iterrows() if r["round"] > 0]  # fmt: skip
+    final, selected = _pick(rounds)
+    row = {"method": method, "split": split, "seed": seed, **_figures_row(final, selected), "wall_s": round(time.time() - started, 1)}
+    best_file = folder / "model_best.keras"  # absent when no round had a pooled validation AUC (hospitals too small)
+    last, best = (keras.models.load_model(f, compile=False) for f in (folder / "model_last.keras", best_file if best_file.exists() else folder / "model_last.keras"))
+    sites = [{"split": split, "seed": seed, "hospital": h, f"{method}_local_auc": local_auc(last, share, cfg),
+              f"{method}_selected_local_auc": local_auc(best, share, cfg)}
+             for h, share in enumerate(hospital_test(cfg, h) for h in range(cfg.num_hospitals))]  # fmt: skip
+    return row, sites, [{"method": method, "split": split, "seed": seed, **r} for r in rounds]
+
+
+def _toml(value) -> str:
+    """A run-setting value as `--run-config` reads it."""
+    return f"'{value}'" if isinstance(value, str) else str(value).lower() if isinstance(value, bool) else str(value)
+
+
+def summary(runs: pd.DataFrame, sites: pd.DataFrame) -> pd.DataFrame:
+    """Mean and spread over seeds per method and split, with the hospitals' local-share comparison."""
+    rows = []
+    for (method, split), group in runs.groupby(["method", "split"], sort=False):
+        row = {"method": method, "split": split, "seeds": len(group)}
+        for k in ("test_auc", "test_sensitivity", "test_specificity", "selected_test_auc", "selected_test_sensitivity", "selected_test_specificity"):
+            row[k], row[f"{k}_sd"] = group[k].mean(), group[k].std(ddof=1) if len(group) > 1 else float("nan")
+        name = "alone" if method == "local-only" else method
+        local = sites[(sites["split"] == split) & sites["seed"].isin(group["seed"])]
+        for variant in ("", "selected_"):
+            column, alone = f"{name}_{variant}local_auc", f"alone_{variant}local_auc"
+            if column not in local:
+                continue
+            row[f"{variant}local_share_auc"] = local[column].mean()
+            if method != "local-only" and alone in local:
+                both = local.dropna(subset=[column, alone])
+                row[f"{variant}hospitals_better_than_alone"] = f"{int((both[column] > both[alone]).sum())}/{len(both)}"
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def plot(curves: pd.DataFrame, path: Path) -> None:
+    """Held-out (official test) AUC against rounds, mean and range over seeds, one line per method."""
+    fig, ax = plt.subplots(figsize=(8, 5))
+    for (method, split), group in curves.groupby(["method", "split"], sort=False):
+        by_round = group.groupby("round")["test_auc"]
+        label = method if method != "pooled" else "pooled (x: epochs / local epochs)"
+        line = ax.plot(by_round.mean().index, by_round.mean().values, marker="o", ms=3, label=label)[0]
+        ax.fill_between(by_round.mean().index, by_round.min().values, by_round.max().values, color=line.get_color(), alpha=0.15)
+    ax.axhline(TARGET_AUC, color="grey", ls="--", lw=1, label=f"target AUC {TARGET_AUC}")
+    ax.set(xlabel="round", ylabel="AUC on the official test split (624 images)", title="PneumoniaMNIST 28x28, 5 hospitals: AUC by round (mean, range over seeds)")
+    ax.set_ylim(max(0.5, curves["test_auc"].min() - 0.02), 1.0)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the chosen methods for each seed; print the summary; write CSVs and the plot (after every method, so a
+    stopped run keeps what finished)."""
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data", type=Path, default=PNEUMONIAMNIST, help="an .npz with train/val/test splits (default: %(default)s)")
+    parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=10)
+    parser.add_argument("--local-epochs", type=int, default=2)
+    parser.add_argument("--only", action="append", choices=["pooled", "local-only", *FEDERATED], help="run only these methods")
+    parser.add_argument("--results", type=Path, default=RESULTS, help="where the CSVs and plot go (default: %(default)s)")
+    parser.add_argument("--runs", type=Path, default=PROJECT / "runs", help="where the federated runs' folders go (default: %(default)s)")
+    args = parser.parse_args(argv)
+    if not args.data.is_file():
+        print(f"quality: {args.data} not found (see ../shared/data/README.md)", file=sys.stderr)
+        return 2
+    methods = args.only or ["pooled", "local-only", *FEDERATED]
+    configure_tensorflow(os.cpu_count() or 1)
+    args.results.mkdir(parents=True, exist_ok=True)
+    workdir = args.runs.resolve()
+    runs, sites, curves = [], [], []
+    local_splits = sorted({FEDERATED[m][0] for m in methods if m in FEDERATED} | ({"dirichlet-0.5"} if "local-only" in methods else set()), key=list(SPLITS).index)
+    for seed in range(args.seeds):
+        for method in methods:
+            started = time.time()
+            if method == "pooled":
+                cfg = parse_run_config(run_config(args.data, "dirichlet-0.5", seed, args.rounds, args.local_epochs))
+                row, site_rows, curve = run_pooled(cfg, "dirichlet-0.5", seed)
+                runs.append(row), sites.extend(site_rows), curves.extend(curve)
+            elif method == "local-only":
+                for split in local_splits:
+                    row, site_rows = run_local(parse_run_config(run_config(args.data, split, seed, args.rounds, args.local_epochs)), split, seed)
+                    runs.append(row), sites.extend(site_rows)
+            else:
+                split, extra = FEDERATED[method]
+                settings = run_config(args.data, split, seed, args.rounds, args.local_epochs, extra)
+                row, site_rows, curve = run_federated(method, parse_run_config(settings), settings, split, seed, workdir)
+                runs.append(row), sites.extend(site_rows), curves.extend(curve)
+            print(f"seed {seed} {method}: {time.time() - started:.0f} s; test AUC {runs[-1]['test_auc']:.4f}", flush=True)
+            write(args.results, runs, sites, curves)
+    table = write(args.results, runs, sites, curves)
+    print(table.to_string(index=False, float_format=lambda v: f"{v:.3f}"))
+    return 0
+
+
+def write(results: Path, runs: list[dict], sites: list[dict], curves: list[dict]) -> pd.DataFrame:
+    """Write the CSVs and the plot; returns the summary table."""
+    runs_df = pd.DataFrame(runs)
+    sites_df = pd.DataFrame(sites).groupby(["split", "seed", "hospital"], as_index=False).first() if sites else pd.DataFrame()
+    table = summary(runs_df, sites_df)
+    runs_df.to_csv(results / "quality.csv", index=False, float_format="%.4f")
+    sites_df.to_csv(results / "quality-sites.csv", index=False, float_format="%.4f")
+    table.to_csv(results / "quality-summary.csv", index=False, float_format="%.4f")
+    if curves:
+        pd.DataFrame(curves).to_csv(results / "quality-rounds.csv", index=False, float_format="%.4f")
+        plot(pd.DataFrame(curves), results / "quality.png")
+    return table
+
+
+if __name__ == "__main__":
+    sys.exit(main())

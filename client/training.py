@@ -1,0 +1,98 @@
+"""A hospital's local work: load its site once, train the shared CNN on it, score its validation images.
+
+TensorFlow lives here and not in the Flower handlers (client/app.py), so that a deployed hospital's per-message
+ClientApp processes need not import it: a long-lived worker (client/worker.py) runs these functions instead.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+# Before TensorFlow loads in this process: its C++ info and warning lines repeat in every worker of a simulation and
+# bury the progress lines (errors still print). An operator's own setting wins.
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+warnings.filterwarnings("ignore", message="__array__ implementation doesn't accept a copy keyword", category=DeprecationWarning)
+
+import keras  # noqa: E402
+import numpy as np  # noqa: E402
+import tensorflow as tf  # noqa: E402
+
+from common.config import Augmentation, DicomSettings, RunConfig, parse_run_config  # noqa: E402
+from common.metrics import statistics  # noqa: E402
+from common.model import build_model, class_weights, reset_optimizer, set_anchor, set_class_weights  # noqa: E402
+from common.pipeline import dataset  # noqa: E402
+from common.runtime import configure_tensorflow  # noqa: E402
+from client.results import Scored, Trained  # noqa: E402
+from common.site_data import SiteData, hospital_site  # noqa: E402
+
+
+@functools.lru_cache(maxsize=4)
+def _run_config(items: tuple) -> RunConfig:
+    """The parsed run configuration (one parse per process and run)."""
+    return parse_run_config(dict(items))
+
+
+@dataclass(frozen=True)
+class _Site:
+    """A hospital's data and its input pipelines, kept while the process serves it (a cached pipeline keeps its images)."""
+
+    data: SiteData
+    train: tf.data.Dataset
+    val: tf.data.Dataset
+    report_dir: Path | None
+
+
+@functools.lru_cache(maxsize=16)
+def _site(cfg: RunConfig, node_config: tuple) -> _Site:
+    """This node's site: read, checked and split once per process."""
+    data, site = hospital_site(cfg, dict(node_config))
+    device = configure_tensorflow(cfg.threads_per_client, site.gpu if site is not None else 0, cfg.mixed_precision)
+    if site is not None:
+        print(f"[{data.name}] {len(data.train)} training and {len(data.val)} validation images; training on {device}", flush=True)
+    augmentation, dicom = (site.augmentation, site.dicom) if site is not None else (Augmentation(), DicomSettings())
+    seed = cfg.seed + (site.seed if site is not None else 0)
+    train = dataset(data.train, cfg, training=True, seed=seed, augmentation=augmentation, dicom=dicom)
+    return _Site(data, train, dataset(data.val, cfg, training=False, dicom=dicom), site.report_dir if site is not None else None)
+
+
+@functools.lru_cache(maxsize=1)
+def _model(cfg: RunConfig) -> keras.Model:
+    """The compiled model, built once per process and reused across rounds and hospitals."""
+    keras.backend.clear_session()  # a new architecture: drop the graphs of the previous one
+    gamma = cfg.focal_gamma if cfg.loss == "focal" else 0.0
+    return build_model(cfg.model, (cfg.image_size, cfg.image_size, cfg.channels), len(cfg.labels), cfg.learning_rate, gamma, cfg.proximal_mu)
+
+
+def _setup(run_config: dict, node_config: dict, weights: list[np.ndarray]) -> tuple[RunConfig, _Site, keras.Model]:
+    """Parse the run, load this hospital's data and the global weights into the process's model."""
+    cfg = _run_config(tuple(sorted(run_config.items())))
+    site = _site(cfg, tuple(sorted(node_config.items())))
+    model = _model(cfg)
+    model.set_weights(weights)
+    return cfg, site, model
+
+
+def train(run_config: dict, node_config: dict, weights: list[np.ndarray]) -> Trained:
+    """Fit the global weights on this hospital's training images for the run's local epochs."""
+    cfg, site, model = _setup(run_config, node_config, weights)
+    reset_optimizer(model)
+    set_anchor(model)  # FedProx: the global weights just received
+    labels = site.data.train.labels
+    if cfg.class_weighting == "balanced":
+        set_class_weights(model, *class_weights(labels))
+    else:
+        set_class_weights(model, np.ones(labels.shape[1]), np.ones(labels.shape[1]))
+    history = model.fit(site.train, epochs=cfg.local_epochs, shuffle=False, verbose=0)  # the pipeline shuffles
+    return Trained(site.data.name, model.get_weights(), len(labels), float(history.history["loss"][-1]), len(site.data.unreadable), site.report_dir)
+
+
+def score(run_config: dict, node_config: dict, weights: list[np.ndarray]) -> Scored:
+    """Score this hospital's validation images with the global weights, summed into counts and histograms."""
+    cfg, site, model = _setup(run_config, node_config, weights)
+    logits = model.predict(site.val, verbose=0)  # (n, n_labels), in the order of val
+    counts, pos, neg = statistics(logits, site.data.val.labels, cfg.threshold, cfg.histogram_bins)
+    return Scored(site.data.name, len(site.data.val), counts, pos, neg, site.data.unreadable, site.report_dir)
