@@ -284,9 +284,24 @@ def main(argv: list[str] | None = None) -> int:
                 runs.append(row), sites.extend(site_rows), curves.extend(curve)
             print(f"seed {seed} {method}: {time.time() - started:.0f} s; test AUC {runs[-1]['test_auc']:.4f}", flush=True)
             write(args.results, runs, sites, curves)
-    table = write(args.results, runs, sites, curves)
-    print(table.to_string(index=False, float_format=lambda v: f"{v:.3f}"))
+    print(headline(write(args.results, runs, sites, curves)).to_string(index=False))
     return 0
+
+
+def headline(table: pd.DataFrame) -> pd.DataFrame:
+    """The summary as it reads in the README: mean +- sd over seeds, final round and round selected on validation."""
+    def pm(row: pd.Series, key: str) -> str:
+        sd = row.get(f"{key}_sd", float("nan"))
+        return f"{row[key]:.3f}" + ("" if pd.isna(sd) else f" +- {sd:.3f}")
+
+    return pd.DataFrame({
+        "method": table["method"], "split": table["split"], "seeds": table["seeds"],
+        "test AUC (final)": [pm(r, "test_auc") for _, r in table.iterrows()],
+        "test AUC (selected)": [pm(r, "selected_test_auc") for _, r in table.iterrows()],
+        "sens / spec (selected)": [f"{r['selected_test_sensitivity']:.2f} / {r['selected_test_specificity']:.2f}" for _, r in table.iterrows()],
+        "local share AUC": [f"{r['local_share_auc']:.3f}" if "local_share_auc" in r and pd.notna(r["local_share_auc"]) else "" for _, r in table.iterrows()],
+        "better than alone": table.get("hospitals_better_than_alone", pd.Series([""] * len(table))).fillna(""),
+    })  # fmt: skip
 
 
 def write(results: Path, runs: list[dict], sites: list[dict], curves: list[dict]) -> pd.DataFrame:

@@ -11,13 +11,12 @@ benchmarks/results/simulation.csv.
 from __future__ import annotations
 
 import argparse
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 import pandas as pd
-import psutil
+from measure import measure
 
 PROJECT = Path(__file__).resolve().parent.parent
 RESULTS = PROJECT / "benchmarks" / "results"
@@ -31,29 +30,14 @@ SCENARIOS = {
 }
 
 
-def tree_rss(root: psutil.Process) -> int:
-    """Resident bytes of a process and all its descendants."""
-    total = 0
-    for p in [root, *root.children(recursive=True)]:
-        try:
-            total += p.memory_info().rss
-        except psutil.Error:
-            pass
-    return total
-
-
 def run(name: str, settings: str) -> dict:
     """Run one scenario to its end; its wall time, peak memory and last history row."""
     run_name = f"bench-{name}-{time.strftime('%Y%m%d-%H%M%S')}"
     command = [sys.executable, "-m", "server.simulate", "-c", f"run-name='{run_name}' {settings}"]
-    start, peak = time.time(), 0
-    process = psutil.Popen(command, cwd=PROJECT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    while process.poll() is None:
-        peak = max(peak, tree_rss(process))
-        time.sleep(0.5)
-    wall = time.time() - start
-    if process.returncode != 0:
-        raise RuntimeError(f"{name}: the simulation failed:\n{process.stderr.read()[-2000:]}")
+    done = measure(command, PROJECT)
+    if done.returncode != 0:
+        raise RuntimeError(f"{name}: the simulation failed:\n{done.stderr[-2000:]}")
+    wall, peak = done.wall_s, done.peak_rss_bytes
     history = pd.read_csv(PROJECT / "runs" / run_name / "history.csv")
     last, best = history.iloc[-1], history.loc[history["best"] == True].iloc[-1]  # noqa: E712
     return {

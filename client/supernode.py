@@ -4,24 +4,70 @@ that the SuperLink answers over TLS, then connects (one line saying what to fix 
     python -m client.supernode --site deploy/sites/class-folders.yaml --superlink fl.example.org:9092 \\
         --ca certs/ca.crt --key certs/hospitals/st-marys
 
-Run `python -m client.check_data <site file>` first. Every message this client sends is appended to the site's
-audit log (<report-dir>/audit.jsonl).
+Beside the SuperNode it runs the hospital's training worker (client/worker.py), which keeps TensorFlow, the model and
+the site's images loaded between rounds; Flower's per-message ClientApp processes hand it their work over a private
+local socket. With --no-worker every message does the whole work in its own fresh process (slower, nothing shared).
+Both stop together. Run `python -m client.check_data <site file>` first. Every message this client sends is appended
+to the site's audit log (<report-dir>/audit.jsonl).
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import shutil
+import signal
+import subprocess
 import sys
+import tempfile
+import time
 from pathlib import Path
 
+from client.worker import SOCKET_FILE
 from common.config import ConfigError
 from common.deployment import INSECURE_WARNING, SuperNodeSetup, flower_process_env, supernode_command
 from common.tls import DeploymentError
 
+WORKER_START_TIMEOUT = 300.0  # seconds for the worker to import TensorFlow and listen
+
+
+def start_worker(folder: Path, env: dict[str, str]) -> subprocess.Popen:
+    """Start the training worker and wait until it listens on folder/worker.sock; raises DeploymentError if it does not."""
+    worker = subprocess.Popen([sys.executable, "-m", "client.worker", "--folder", str(folder)], env=env)
+    deadline = time.monotonic() + WORKER_START_TIMEOUT
+    while not (folder / SOCKET_FILE).exists():
+        if worker.poll() is not None:
+            raise DeploymentError(f"the training worker exited at start-up with code {worker.returncode} (its output is above)")
+        if time.monotonic() > deadline:
+            worker.kill()
+            raise DeploymentError(f"the training worker did not start listening within {WORKER_START_TIMEOUT:.0f} s")
+        time.sleep(0.2)
+    return worker
+
+
+def supervise(processes: dict[str, subprocess.Popen]) -> int:
+    """Wait until one process ends, then stop the others; returns the SuperNode's exit code, or 1 if the worker died."""
+    try:
+        while all(p.poll() is None for p in processes.values()):
+            time.sleep(0.5)
+    finally:
+        for p in processes.values():
+            if p.poll() is None:
+                p.terminate()
+        for p in processes.values():
+            try:
+                p.wait(10)
+            except subprocess.TimeoutExpired:
+                p.kill()
+    node, worker = processes["supernode"], processes["worker"]
+    if worker.returncode not in (0, -signal.SIGTERM) and node.returncode in (None, 0, -signal.SIGTERM):
+        print(f"fedimaging: the training worker stopped with code {worker.returncode}: the SuperNode was stopped too", file=sys.stderr)
+        return 1
+    return node.returncode if node.returncode is not None else 1
+
 
 def main(argv: list[str] | None = None) -> int:
-    """Command line: check, then become flower-supernode."""
+    """Command line: check, start the worker, then run flower-supernode beside it (or become it, with --no-worker)."""
     parser = argparse.ArgumentParser(prog="python -m client.supernode", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--site", type=Path, required=True, help="this hospital's site YAML file")
     parser.add_argument("--superlink", required=True, help="the SuperLink's host:port")
@@ -29,16 +75,37 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--key", type=Path, help="this hospital's private authentication key (never leaves the hospital)")
     parser.add_argument("--port", type=int, default=9094, help="the SuperNode's local runtime port (loopback only)")
     parser.add_argument("--insecure", action="store_true", help="no TLS and no node authentication: local rehearsal only")
+    parser.add_argument("--no-worker", action="store_true", help="no long-lived worker: each message imports TensorFlow and loads the site anew")
     args = parser.parse_args(argv)
+    folder = None if args.no_worker else Path(tempfile.mkdtemp(prefix="fedimaging-worker-"))  # mode 700
+    setup = SuperNodeSetup(args.site, args.superlink, args.ca, args.key, args.insecure, args.port, folder / SOCKET_FILE if folder else None)
     try:
-        command = supernode_command(SuperNodeSetup(args.site, args.superlink, args.ca, args.key, args.insecure, args.port))
+        command = supernode_command(setup)
     except (ConfigError, DeploymentError) as exc:
         print(f"fedimaging: error: {exc}", file=sys.stderr)
+        if folder is not None:
+            folder.rmdir()
         return 2
     if args.insecure:
         print(INSECURE_WARNING, file=sys.stderr)
-    os.execve(command[0], command, {"TF_CPP_MIN_LOG_LEVEL": "2", **flower_process_env()})
-    return 0  # not reached
+    env = {"TF_CPP_MIN_LOG_LEVEL": "2", **flower_process_env()}
+    if folder is None:
+        os.execve(command[0], command, env)
+    # A SIGTERM (systemd, docker stop) unwinds like Ctrl-C, so the worker and the SuperNode stop together.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    processes: dict[str, subprocess.Popen] = {}
+    try:
+        processes["worker"] = start_worker(folder, env)
+        processes["supernode"] = subprocess.Popen(command, env=env)
+        return supervise(processes)
+    except DeploymentError as exc:
+        print(f"fedimaging: error: {exc}", file=sys.stderr)
+        return 2
+    finally:
+        for p in processes.values():
+            if p.poll() is None:
+                p.kill()
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 if __name__ == "__main__":

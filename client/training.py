@@ -9,6 +9,7 @@ from __future__ import annotations
 import functools
 import os
 import warnings
+from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -46,10 +47,34 @@ class _Site:
     report_dir: Path | None
 
 
-@functools.lru_cache(maxsize=16)
+SITE_CACHE_BYTES = 2 << 30  # a process keeps the sites it served while their decoded images fit in this; then the oldest go
+_sites: OrderedDict[tuple, _Site] = OrderedDict()  # least recently served first
+
+
+def _site_bytes(cfg: RunConfig, data: SiteData) -> int:
+    """The memory a site's decoded images take at the model's input size (what its pipelines keep)."""
+    return (len(data.train) + len(data.val)) * cfg.image_size**2 * cfg.channels * 4
+
+
 def _site(cfg: RunConfig, node_config: tuple) -> _Site:
-    """This node's site: read, checked and split once per process."""
-    data, site = hospital_site(cfg, dict(node_config))
+    """This node's site: read, checked and split once, then kept while the process's site cache has room.
+
+    A simulation worker serves many hospitals in turn; keeping every one it met would hold the whole federation's
+    images, so sites beyond SITE_CACHE_BYTES are dropped, least recently served first (the current one always stays).
+    """
+    key = (cfg, node_config)
+    if key in _sites:
+        _sites.move_to_end(key)
+        return _sites[key]
+    site = _sites[key] = _load_site(cfg, dict(node_config))
+    while len(_sites) > 1 and sum(_site_bytes(k[0], s.data) for k, s in _sites.items()) > SITE_CACHE_BYTES:
+        _sites.popitem(last=False)
+    return site
+
+
+def _load_site(cfg: RunConfig, node_config: dict) -> _Site:
+    """Read a site and build its input pipelines."""
+    data, site = hospital_site(cfg, node_config)
     device = configure_tensorflow(cfg.threads_per_client, site.gpu if site is not None else 0, cfg.mixed_precision)
     if site is not None:
         print(f"[{data.name}] {len(data.train)} training and {len(data.val)} validation images; training on {device}", flush=True)

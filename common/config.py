@@ -50,6 +50,7 @@ class RunConfig:
     proximal_mu: float = _setting(0.0, lambda v: v >= 0, "a number >= 0 (0: off)", "FedProx: weight mu of the term mu/2 ||w - w_global||^2 in each hospital's training loss")
     min_hospitals: int = _setting(2, _positive, "an integer >= 1", "fewest hospitals a round may start with")
     round_timeout: float = _setting(600.0, _positive, "a number of seconds > 0", "how long the server waits for replies")
+    reply_poll_seconds: float = _setting(0.2, lambda v: 0 < v <= 10, "a number of seconds in (0, 10]", "how often the server asks the SuperLink for the hospitals' replies (Flower's own default: 3 s when deployed)")
     early_stop_rounds: int = _setting(0, lambda v: v >= 0, "an integer >= 0 (0: off)", "stop after this many rounds without a better pooled AUC")
     model: str = _setting("lightcnn", lambda v: v in MODELS, f"one of {', '.join(MODELS)}", "the CNN (common/model.py)")
     initial_weights: str = _setting("", None, "a path to a .keras or .weights.h5 file, or empty", "initial global weights")

@@ -49,6 +49,7 @@ class SuperNodeSetup:
     key_file: Path | None = None  # the hospital's private authentication key
     insecure: bool = False
     port: int = 9094  # the SuperNode's local runtime API (loopback)
+    worker_socket: Path | None = None  # the hospital's long-lived training worker (client/worker.py), if it runs one
 
 
 def superlink_command(setup: SuperLinkSetup) -> list[str]:
@@ -71,7 +72,7 @@ def supernode_command(setup: SuperNodeSetup, probe: bool = True) -> list[str]:
     load_site_config(setup.site_file)
     command = [
         str(BIN / "flower-supernode"), "--superlink", setup.superlink, "--port", str(setup.port), "--host", "127.0.0.1",
-        "--node-config", f"site-config='{Path(setup.site_file).resolve()}'",
+        "--node-config", f"site-config='{Path(setup.site_file).resolve()}'" + (f" worker-socket='{setup.worker_socket}'" if setup.worker_socket else ""),
     ]  # fmt: skip
     if setup.insecure:
         if probe:

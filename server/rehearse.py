@@ -21,7 +21,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from common.config import ConfigError, RunConfig, parse_run_config, project_settings
+from common.config import ConfigError, RunConfig, parse_overrides, parse_run_config, project_settings
 from common.demo_sites import write_demo_sites
 from common.deployment import INSECURE_WARNING, SuperNodeSetup, supernode_command
 from common.tls import DeploymentError
@@ -70,14 +70,25 @@ def register(federation: Federation, public_key: Path) -> None:
         raise RunFailed(f"registering {public_key.name} failed: {out.stdout.strip()[-500:]} {out.stderr.strip()[-500:]}")
 
 
-def start_supernode(federation: Federation, site_file: Path, key: Path | None, name: str, insecure: bool | None = None) -> subprocess.Popen:
-    """Start a SuperNode for a site file, its output in logs/<name>.log; insecure defaults to the federation's mode."""
+def start_supernode(
+    federation: Federation, site_file: Path, key: Path | None, name: str, insecure: bool | None = None, worker: bool = True,
+) -> subprocess.Popen:  # fmt: skip
+    """Start a hospital, its output in logs/<name>.log; insecure defaults to the federation's mode.
+
+    With worker (as hospitals run it): `python -m client.supernode`, which checks everything, then runs the SuperNode
+    beside the hospital's long-lived training worker. Without: a bare flower-supernode, where every message starts a
+    fresh ClientApp process that does all the work (and nothing checks the node first, so an intruder can be staged).
+    """
     insecure = federation.insecure if insecure is None else insecure
     certs = federation.workdir / "certs"
-    setup = SuperNodeSetup(site_file, federation.address, None if insecure else certs / "ca.crt", key, insecure, free_port())
-    command = supernode_command(setup, probe=False)
+    port = free_port()
+    if worker:
+        command = [sys.executable, "-m", "client.supernode", "--site", str(site_file), "--superlink", federation.address, "--port", str(port)]
+        command += ["--insecure"] if insecure else ["--ca", str(certs / "ca.crt"), "--key", str(key)]
+    else:
+        command = supernode_command(SuperNodeSetup(site_file, federation.address, None if insecure else certs / "ca.crt", key, insecure, port), probe=False)
     log = open(federation.workdir / "logs" / f"{name}.log", "w")
-    node = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=federation.env, cwd=federation.workdir, start_new_session=True)
+    node = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=federation.env, cwd=PROJECT, start_new_session=True)
     federation.nodes.append(node)
     return node
 
@@ -132,20 +143,21 @@ def rehearsal_config(workdir: Path, heldout: Path, hospitals: int, rounds: int, 
     return parse_run_config(settings)
 
 
-def rehearse(workdir: Path, hospitals: int, rounds: int, insecure: bool = False) -> Path:
-    """The whole rehearsal: sites, certificates, SuperLink, SuperNodes, a run; returns the run folder."""
+def rehearse(workdir: Path, hospitals: int, rounds: int, insecure: bool = False, worker: bool = True, overrides: dict | None = None) -> Path:
+    """The whole rehearsal: sites, certificates, SuperLink, SuperNodes (with their training workers unless told not
+    to), a run; returns the run folder."""
     demo = parse_run_config({**project_settings(), "num-hospitals": hospitals, "images-per-hospital": 100, "heldout-images": 60, "image-size": 32})
     *site_files, heldout = write_demo_sites(demo, workdir / "sites")
     names = [f.stem for f in site_files]
     certs = None if insecure else make_certificates(workdir, names)
-    cfg = rehearsal_config(workdir, heldout, hospitals, rounds)
+    cfg = rehearsal_config(workdir, heldout, hospitals, rounds, overrides)
     print(f"fedimaging: rehearsal in {workdir}: {hospitals} hospitals, {rounds} rounds, {'INSECURE' if insecure else 'TLS and node authentication'}", flush=True)
     with federation(workdir, insecure) as fed:
         for name, site_file in zip(names, site_files):
             key = None if insecure else certs / "hospitals" / name
             if not insecure:
                 register(fed, certs / "hospitals" / f"{name}.pub")
-            start_supernode(fed, site_file, key, name)
+            start_supernode(fed, site_file, key, name, worker=worker)
         start = time.time()
         folder = run(fed, cfg)
         print(f"fedimaging: {rounds} rounds in {time.time() - start:.0f} s (run submitted to finished)", flush=True)
@@ -159,13 +171,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--workdir", type=Path, help="keep everything here (default: a temporary folder, kept if the run fails)")
     parser.add_argument("--insecure", action="store_true", help="no TLS, no node authentication")
+    parser.add_argument("--no-worker", action="store_true", help="bare SuperNodes: every message imports TensorFlow and loads its site anew")
+    parser.add_argument("--run-config", "-c", action="append", default=[], help="space-separated key=value run settings")
     args = parser.parse_args(argv)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     workdir = (args.workdir or Path(tempfile.mkdtemp(prefix="fedimaging-rehearsal-"))).resolve()
     if args.insecure:
         print(INSECURE_WARNING, file=sys.stderr)
     try:
-        folder = rehearse(workdir, args.hospitals, args.rounds, args.insecure)
+        folder = rehearse(workdir, args.hospitals, args.rounds, args.insecure, not args.no_worker, parse_overrides(args.run_config))
     except (ConfigError, DeploymentError) as exc:
         print(f"fedimaging: error: {exc}", file=sys.stderr)
         return 2

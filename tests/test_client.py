@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 import dataclasses
+import subprocess
+import sys
+import time
 
 import numpy as np
 import pandas as pd
 import pytest
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
 
-from client.app import app
+from client.app import WORKER_SOCKET, app
+from client.worker import SOCKET_FILE, WorkerError, call
 from common import wire
 from common.config import ConfigError, config_to_dict
 from common.model import build_model
@@ -18,12 +22,10 @@ from common.partition import hospital_data
 pytestmark = pytest.mark.usefixtures("task_identity")
 
 
-def _call(kind: str, weights, cfg, hospital: int = 1, run_folder=None) -> Message:
+def _call(kind: str, weights, cfg, hospital: int = 1, run_folder=None, worker_socket: str = "") -> Message:
     """Send one message to the ClientApp and return its reply."""
-    context = Context(
-        run_id=1, node_id=10 + hospital, node_config={"partition-id": hospital, "num-partitions": cfg.num_hospitals},
-        state=RecordDict(), run_config=config_to_dict(cfg),
-    )  # fmt: skip
+    node_config = {"partition-id": hospital, "num-partitions": cfg.num_hospitals} | ({WORKER_SOCKET: worker_socket} if worker_socket else {})
+    context = Context(run_id=1, node_id=10 + hospital, node_config=node_config, state=RecordDict(), run_config=config_to_dict(cfg))
     config = {"server-round": 1} | ({wire.RUN_FOLDER: str(run_folder)} if run_folder else {})
     content = RecordDict({wire.ARRAYS: ArrayRecord(weights), "config": ConfigRecord(config)})
     return app(Message(content=content, dst_node_id=10 + hospital, message_type=kind), context)
@@ -111,3 +113,61 @@ def test_every_reply_is_in_the_hospitals_audit_log_with_the_hash_the_server_comp
         assert w.nbytes < array["bytes"] <= w.nbytes + 256
     assert train["values"]["metrics.skipped-files"] == 0 and entries[1]["arrays"] == []
     assert entries[1]["values"]["metrics.hist-pos"] == f"{small_cfg.histogram_bins} values"
+
+
+@pytest.fixture
+def worker(tmp_path):
+    """A hospital's training worker running in its own process, as client.supernode starts it; stopped afterwards."""
+    folder = tmp_path / "worker"
+    process = subprocess.Popen([sys.executable, "-m", "client.worker", "--folder", str(folder)])
+    deadline = time.monotonic() + 120
+    while not (folder / SOCKET_FILE).exists():
+        assert process.poll() is None and time.monotonic() < deadline, "the worker did not start"
+        time.sleep(0.2)
+    yield folder / SOCKET_FILE
+    process.terminate()
+    process.wait(20)
+
+
+def test_through_the_long_lived_worker_the_replies_hold_the_same_kind_of_content(small_cfg, worker, tmp_path):
+    weights = build_model(small_cfg.model, (32, 32, 1), 1, small_cfg.learning_rate).get_weights()
+    for round_ in (1, 2):  # the worker keeps the site and model between messages
+        train = _call(MessageType.TRAIN, weights, small_cfg, run_folder=tmp_path, worker_socket=str(worker))
+        assert not train.has_error()
+        parsed = wire.parse_train_reply(train.content, [w.shape for w in weights], small_cfg.labels)
+        assert parsed.site == "hospital-1" and parsed.num_examples == len(hospital_data(small_cfg, 1)[0])
+        evaluate = _call(MessageType.EVALUATE, weights, small_cfg, run_folder=tmp_path, worker_socket=str(worker))
+        assert set(evaluate.content[wire.METRICS].keys()) == wire.EVALUATE_METRIC_KEYS
+    assert len((tmp_path / "hospitals" / "hospital-1" / "audit.jsonl").read_text().splitlines()) == 4  # audited in the ClientApp
+
+
+def test_the_worker_refuses_strangers_and_its_failures_reach_the_caller_in_words(small_cfg, worker, tmp_path):
+    import multiprocessing.connection as mpc
+
+    with pytest.raises(mpc.AuthenticationError):
+        mpc.Client(str(worker), family="AF_UNIX", authkey=b"not the key")
+    assert oct(worker.parent.stat().st_mode & 0o777) == "0o700" and oct((worker.parent / "worker.key").stat().st_mode & 0o777) == "0o600"
+    weights = build_model(small_cfg.model, (32, 32, 1), 1, small_cfg.learning_rate).get_weights()
+    with pytest.raises(WorkerError, match="hospital 7 does not exist"):
+        call(str(worker), "train", config_to_dict(small_cfg), {"partition-id": 7}, weights)
+    with pytest.raises(WorkerError, match="unknown request 'predict'"):
+        call(str(worker), "predict", config_to_dict(small_cfg), {"partition-id": 1}, weights)
+    with pytest.raises(WorkerError, match="does not answer"):
+        call(str(tmp_path / "gone" / SOCKET_FILE), "train", config_to_dict(small_cfg), {"partition-id": 1}, weights)
+
+
+def test_a_process_keeps_only_the_sites_that_fit_its_cache(small_cfg, monkeypatch):
+    from client import training
+
+    weights = build_model(small_cfg.model, (32, 32, 1), 1, small_cfg.learning_rate).get_weights()
+    one_site = 40 * 32 * 32 * 4  # a hospital's 40 images at the model's input size
+    monkeypatch.setattr(training, "_sites", training.OrderedDict())
+    monkeypatch.setattr(training, "SITE_CACHE_BYTES", int(1.5 * one_site))
+    for hospital in (0, 1, 2, 1):
+        _call(MessageType.EVALUATE, weights, small_cfg, hospital=hospital)
+    kept = [dict(node)["partition-id"] for _, node in training._sites]
+    assert kept == [1]  # the federation's other hospitals were let go; the one just served stays
+    monkeypatch.setattr(training, "SITE_CACHE_BYTES", 10 * one_site)
+    for hospital in (0, 2):
+        _call(MessageType.EVALUATE, weights, small_cfg, hospital=hospital)
+    assert [dict(node)["partition-id"] for _, node in training._sites] == [1, 0, 2]

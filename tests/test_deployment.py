@@ -32,7 +32,7 @@ def _flower_processes() -> set[int]:
     """Flower processes running now (none of ours may outlive a test)."""
     import psutil
 
-    names = ("flower-superlink", "flower-supernode", "flower-superexec", "flwr-serverapp", "flwr-clientapp")
+    names = ("flower-superlink", "flower-supernode", "flower-superexec", "flwr-serverapp", "flwr-clientapp", "client.supernode", "client.worker")
     return {p.pid for p in psutil.process_iter(["cmdline"]) if any(n in " ".join(p.info["cmdline"] or []) for n in names)}
 
 
@@ -47,7 +47,7 @@ def test_the_rehearsal_trains_over_tls_refuses_intruders_and_the_audit_logs_matc
             rehearse.register(fed, certs / "hospitals" / f"{name}.pub")
             rehearse.start_supernode(fed, site_file, certs / "hospitals" / name, name)
         unregistered = rehearse.start_supernode(fed, site_files[1], certs / "hospitals" / "intruder", "intruder")
-        plaintext = rehearse.start_supernode(fed, site_files[1], None, "plaintext", insecure=True)
+        plaintext = rehearse.start_supernode(fed, site_files[1], None, "plaintext", insecure=True, worker=False)
         # Our start command refuses to try plaintext against a TLS SuperLink, in one line.
         code = supernode.main(["--site", str(site_files[1]), "--superlink", fed.address, "--insecure"])
         assert code == 2 and f"SuperLink {fed.address} runs with TLS: connect without --insecure" in capsys.readouterr().err
@@ -55,6 +55,9 @@ def test_the_rehearsal_trains_over_tls_refuses_intruders_and_the_audit_logs_matc
         assert unregistered.wait(60) != 0 and plaintext.poll() is None  # refused at once; the plaintext one never gets in
     log = (tmp_path / "logs" / "intruder.log").read_text()
     assert "Failed to activate SuperNode" in log
+    for name in ("hospital-0", "hospital-1"):  # one long-lived worker per hospital loaded its site once for all 4 messages
+        node_log = (tmp_path / "logs" / f"{name}.log").read_text()
+        assert node_log.count("[worker] ready on") == 1 and node_log.count(f"[{name}] ") == 1, node_log[-2000:]
     assert "Connection attempt failed" in (tmp_path / "logs" / "plaintext.log").read_text()
     assert _flower_processes() <= before
 

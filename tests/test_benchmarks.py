@@ -1,0 +1,78 @@
+"""Each benchmark script, run as a user runs it, on a tiny configuration: it finishes, prints its table and writes its
+results. (The benchmarks themselves, at full size, are not part of the test suite.)"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+PROJECT = Path(__file__).resolve().parent.parent
+BENCHMARKS = PROJECT / "benchmarks"
+
+
+def _run(script: str, *args: str) -> str:
+    """Run a benchmark script to its end; its standard output."""
+    done = subprocess.run([sys.executable, str(BENCHMARKS / script), *args], cwd=PROJECT, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done.stdout
+
+
+def _tiny_npz(path: Path) -> Path:
+    """A PneumoniaMNIST-shaped file (28x28 uint8, train/val/test) where a bright patch marks the positives."""
+    rng = np.random.default_rng(0)
+    arrays = {}
+    for split, n in (("train", 160), ("val", 40), ("test", 60)):
+        labels = (np.arange(n) % 2).astype(np.uint8)
+        images = rng.integers(0, 80, (n, 28, 28)).astype(np.uint8)
+        for i in np.flatnonzero(labels):
+            r, c = rng.integers(4, 20, 2)
+            images[i, r : r + 5, c : c + 5] = 230
+        arrays[f"{split}_images"], arrays[f"{split}_labels"] = images, labels[:, None]
+    np.savez(path, **arrays)
+    return path
+
+
+def test_the_quality_benchmark_compares_pooled_local_and_federated_training(tmp_path):
+    data = _tiny_npz(tmp_path / "tiny.npz")
+    out = _run("quality.py", "--data", str(data), "--seeds", "1", "--rounds", "2", "--local-epochs", "1",
+               "--only", "pooled", "--only", "local-only", "--only", "fedavg-iid", "--results", str(tmp_path / "results"), "--runs", str(tmp_path / "runs"))  # fmt: skip
+    runs = pd.read_csv(tmp_path / "results" / "quality.csv")
+    assert set(zip(runs["method"], runs["split"])) == {("pooled", "dirichlet-0.5"), ("local-only", "iid"), ("local-only", "dirichlet-0.5"), ("fedavg-iid", "iid")}
+    assert runs["test_auc"].between(0.5, 1.0).all() and runs["selected_test_auc"].between(0.5, 1.0).all()
+    sites = pd.read_csv(tmp_path / "results" / "quality-sites.csv")
+    iid = sites[sites["split"] == "iid"]
+    assert len(iid) == 5 and iid[["alone_local_auc", "fedavg-iid_local_auc"]].notna().all().all()  # every hospital, alone and global
+    rounds = pd.read_csv(tmp_path / "results" / "quality-rounds.csv")
+    assert sorted(rounds[rounds["method"] == "fedavg-iid"]["round"]) == [1, 2]
+    assert (tmp_path / "results" / "quality.png").stat().st_size > 10_000 and "fedavg-iid" in out
+
+
+def test_the_overhead_benchmark_times_simulation_plain_loop_and_rehearsals(tmp_path):
+    out = _run("overhead.py", "--hospitals", "2", "--images", "40", "--rounds", "2", "--rehearsal-rounds", "1", "--results", str(tmp_path))
+    table = pd.read_csv(tmp_path / "overhead.csv")
+    assert len(table) == 5 and (table["steady_round_s"] > 0).all() and (table["startup_s"] > 0).all()
+    assert table["steady_round_vs_plain"].iloc[0] == 1.0
+    sim = table[table["setting"] == "Flower simulation"].iloc[0]
+    assert sim["model_bytes"] < sim["train_reply_bytes"] < sim["model_bytes"] + 4096  # the weights and a few headers go up
+    profile = pd.read_csv(tmp_path / "overhead-profile.csv")
+    assert {"train", "evaluate", "heldout"} <= set(profile["phase"]) and "steady_round_s" in out
+
+
+def test_the_scale_benchmark_samples_hospitals_in_a_large_federation(tmp_path):
+    _run("scale.py", "--hospitals", "4", "--hospitals", "40", "--rounds", "2", "--results", str(tmp_path))
+    table = pd.read_csv(tmp_path / "scale.csv")
+    assert table["hospitals"].tolist() == [4, 40] and table["trained_per_round"].tolist() == [4, 16]
+    assert (table["peak_rss_gib"] > 0.5).all() and (table["failed_replies"] == 0).all()
+    assert (tmp_path / "scale.png").is_file()
+
+
+def test_the_throughput_benchmark_compares_local_training_with_plain_fit(tmp_path):
+    _run("throughput.py", "--images", "100", "--epochs", "2", "--batch-size", "16", "--results", str(tmp_path))
+    table = pd.read_csv(tmp_path / "throughput.csv")
+    cpu = table[table["device"].str.startswith("CPU")]
+    assert len(cpu) == 1 and cpu["images"].iloc[0] == 80  # the hospital's training share
+    assert (cpu[["ours_images_per_s", "plain_fit_images_per_s"]] > 0).all().all()
