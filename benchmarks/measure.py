@@ -1,4 +1,4 @@
-"""Run a command to its end while sampling the summed resident memory of its whole process tree."""
+"""Measuring helpers of the benchmarks: run a command while sampling its process tree's memory; steady-round means."""
 
 from __future__ import annotations
 
@@ -46,3 +46,9 @@ def measure(command: list[str], cwd: Path) -> Measured:
         time.sleep(SAMPLE_SECONDS)
     reader.join(5)
     return Measured(process.returncode, time.perf_counter() - start, peak, "".join(stderr))
+
+
+def steady_mean(per_round: list[float]) -> float:
+    """The mean of rounds 2..R, apart from round 1's start-up work (round 1 alone when it is the only one)."""
+    later = per_round[1:] or per_round
+    return sum(later) / len(later)

@@ -4,7 +4,7 @@
     .venv/bin/python benchmarks/quality.py --seeds 1 --only fedavg-dirichlet-0.5
 
 Every method sees the same images and the same number of passes over them (rounds x local epochs = epochs):
-- pooled: the same CNN trained in one process on all hospitals' training shares together (the ceiling);
+- pooled: the same CNN trained in one process on all hospitals' training shares of a split together (the ceiling);
 - local-only: each hospital trains alone on its own training share;
 - the federated methods run the real Flower simulation (`python -m server.simulate`) with 5 hospitals.
 Each simulated hospital holds back a stratified local test share (`test-fraction`) that no method trains or validates
@@ -12,9 +12,12 @@ on; the official test split is the held-out set of every method. The operating p
 the target sensitivity on validation data (the pooled hospitals' validation histograms for the federated model, the
 pooled or own validation share for the others), then applied unchanged to the test images.
 
-Writes benchmarks/results/quality.csv (one row per method, split and seed), quality-sites.csv (each hospital's local
-test AUC alone, with the global model and with the pooled model), quality-rounds.csv (test AUC after each round) and
-quality.png; prints the summary table.
+Pooled and local-only training run on the splits of the federated methods chosen (all four when none is). The
+figures are those of the final round and of the round with the best validation AUC ("selected"; the pooled
+validation histograms for a federation). Writes benchmarks/results/quality.csv (one row per method, split and
+seed), quality-sites.csv (each hospital's local test AUC alone, with the global model and with the pooled model),
+quality-rounds.csv (validation and test AUC after each round), quality-summary.csv and quality.png, keeping the rows
+of methods, splits and seeds not run this time; prints the summary table.
 """
 
 from __future__ import annotations
@@ -42,7 +45,7 @@ sys.path.insert(0, str(PROJECT))
 from common.config import RunConfig, parse_run_config, project_settings  # noqa: E402
 from common.data import ImageSet  # noqa: E402
 from common.metrics import clinical_figures, confusion_counts, figures, operating_point, statistics  # noqa: E402
-from common.model import build_model, class_weights, set_class_weights  # noqa: E402
+from common.model import run_model, weigh_classes  # noqa: E402
 from common.partition import heldout_set, hospital_data, hospital_test  # noqa: E402
 from common.pipeline import dataset  # noqa: E402
 from common.runtime import configure_tensorflow  # noqa: E402
@@ -81,7 +84,7 @@ def scores(model: keras.Model, images: np.ndarray) -> np.ndarray:
 def test_figures(logits: np.ndarray, labels: np.ndarray, thresholds: np.ndarray, cfg: RunConfig) -> dict:
     """AUC, and sensitivity and specificity at the operating point chosen on validation data."""
     row = figures(*statistics(logits, labels, cfg.threshold, cfg.histogram_bins), cfg.labels)
-    at = clinical_figures(confusion_counts(logits, labels, np.nan_to_num(thresholds, nan=0.5))[0])
+    at = clinical_figures(confusion_counts(logits, labels, np.nan_to_num(thresholds, nan=cfg.threshold))[0])
     return {"test_auc": row["auc"], "test_sensitivity": at["sensitivity"], "test_specificity": at["specificity"]}
 
 
@@ -96,14 +99,14 @@ def local_auc(model: keras.Model, share: ImageSet, cfg: RunConfig) -> float:
     return figures(*statistics(scores(model, share.images), share.labels, cfg.threshold, cfg.histogram_bins), cfg.labels)["auc"]
 
 
-def train_alone(cfg: RunConfig, train: ImageSet, val: ImageSet, test: ImageSet, seed: int) -> list[dict]:
+def train_alone(cfg: RunConfig, train: ImageSet, val: ImageSet, test: ImageSet, seed: int) -> tuple[list[dict], list, list, keras.Model]:
     """The CNN trained in one process for rounds x local epochs on these images, as the clients train it. After each
-    round's worth of epochs: the validation AUC, the operating point chosen on validation, and the test figures there;
-    with the model of the final round and of the round with the best validation AUC."""
+    round's worth of epochs: the validation AUC, the operating point chosen on validation, and the test figures there.
+    Returns those rows, the final weights, the weights of the round with the best validation AUC, and the model."""
     keras.backend.clear_session()
     keras.utils.set_random_seed(seed)
-    model = build_model(cfg.model, (cfg.image_size, cfg.image_size, cfg.channels), len(cfg.labels), cfg.learning_rate)
-    set_class_weights(model, *class_weights(train.labels))
+    model = run_model(cfg)
+    weigh_classes(model, train.labels, cfg.class_weighting)
     data = dataset(train, cfg, training=True, seed=seed)
     rounds, best = [], None
     for r in range(cfg.num_server_rounds):
@@ -254,6 +257,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=10)
     parser.add_argument("--local-epochs", type=int, default=2)
     parser.add_argument("--only", action="append", choices=["pooled", "local-only", *FEDERATED], help="run only these methods")
+    parser.add_argument("--splits", action="append", choices=list(SPLITS), help="pooled and local-only on these splits only")
     parser.add_argument("--results", type=Path, default=RESULTS, help="where the CSVs and plot go (default: %(default)s)")
     parser.add_argument("--runs", type=Path, default=PROJECT / "runs", help="where the federated runs' folders go (default: %(default)s)")
     args = parser.parse_args(argv)
@@ -265,17 +269,19 @@ def main(argv: list[str] | None = None) -> int:
     args.results.mkdir(parents=True, exist_ok=True)
     workdir = args.runs.resolve()
     runs, sites, curves = [], [], []
-    local_splits = sorted({FEDERATED[m][0] for m in methods if m in FEDERATED} | ({"dirichlet-0.5"} if "local-only" in methods else set()), key=list(SPLITS).index)
+    chosen = set(args.splits or []) or {FEDERATED[m][0] for m in methods if m in FEDERATED}
+    baseline_splits = [split for split in SPLITS if split in chosen] or list(SPLITS)
     for seed in range(args.seeds):
         for method in methods:
             started = time.time()
-            if method == "pooled":
-                cfg = parse_run_config(run_config(args.data, "dirichlet-0.5", seed, args.rounds, args.local_epochs))
-                row, site_rows, curve = run_pooled(cfg, "dirichlet-0.5", seed)
-                runs.append(row), sites.extend(site_rows), curves.extend(curve)
-            elif method == "local-only":
-                for split in local_splits:
-                    row, site_rows = run_local(parse_run_config(run_config(args.data, split, seed, args.rounds, args.local_epochs)), split, seed)
+            if method in ("pooled", "local-only"):
+                for split in baseline_splits:
+                    cfg = parse_run_config(run_config(args.data, split, seed, args.rounds, args.local_epochs))
+                    if method == "pooled":
+                        row, site_rows, curve = run_pooled(cfg, split, seed)
+                        curves.extend(curve)
+                    else:
+                        row, site_rows = run_local(cfg, split, seed)
                     runs.append(row), sites.extend(site_rows)
             else:
                 split, extra = FEDERATED[method]
@@ -284,37 +290,75 @@ def main(argv: list[str] | None = None) -> int:
                 runs.append(row), sites.extend(site_rows), curves.extend(curve)
             print(f"seed {seed} {method}: {time.time() - started:.0f} s; test AUC {runs[-1]['test_auc']:.4f}", flush=True)
             write(args.results, runs, sites, curves)
-    print(headline(write(args.results, runs, sites, curves)).to_string(index=False))
+    table = write(args.results, runs, sites, curves)
+    print(headline(table).to_string(index=False))
+    for line in verdicts(table):
+        print(line)
     return 0
 
 
 def headline(table: pd.DataFrame) -> pd.DataFrame:
     """The summary as it reads in the README: mean +- sd over seeds, final round and round selected on validation."""
+
     def pm(row: pd.Series, key: str) -> str:
         sd = row.get(f"{key}_sd", float("nan"))
         return f"{row[key]:.3f}" + ("" if pd.isna(sd) else f" +- {sd:.3f}")
 
-    return pd.DataFrame({
-        "method": table["method"], "split": table["split"], "seeds": table["seeds"],
-        "test AUC (final)": [pm(r, "test_auc") for _, r in table.iterrows()],
-        "test AUC (selected)": [pm(r, "selected_test_auc") for _, r in table.iterrows()],
-        "sens / spec (selected)": [f"{r['selected_test_sensitivity']:.2f} / {r['selected_test_specificity']:.2f}" for _, r in table.iterrows()],
-        "local share AUC": [f"{r['local_share_auc']:.3f}" if "local_share_auc" in r and pd.notna(r["local_share_auc"]) else "" for _, r in table.iterrows()],
-        "better than alone": table.get("hospitals_better_than_alone", pd.Series([""] * len(table))).fillna(""),
-    })  # fmt: skip
+    def text(row: pd.Series, key: str) -> str:
+        return "" if key not in row or pd.isna(row[key]) else row[key] if isinstance(row[key], str) else f"{row[key]:.3f}"
+
+    return pd.DataFrame([{
+        "method": r["method"], "split": r["split"], "seeds": r["seeds"], "test AUC (final)": pm(r, "test_auc"),
+        "test AUC (selected)": pm(r, "selected_test_auc"),
+        "sens / spec (final)": f"{r['test_sensitivity']:.2f} / {r['test_specificity']:.2f}",
+        "local share AUC": text(r, "local_share_auc"), "better than alone": text(r, "hospitals_better_than_alone"),
+    } for _, r in table.iterrows()])  # fmt: skip
+
+
+def verdicts(table: pd.DataFrame) -> list[str]:
+    """The issue's targets on the Dirichlet 0.5 split, met or missed and by how much (final-round figures)."""
+    rows = table.set_index(["method", "split"])
+    out = []
+    for method in ("fedavg-dirichlet-0.5", "fedprox-dirichlet-0.5", "fedadam-dirichlet-0.5"):
+        if (method, "dirichlet-0.5") not in rows.index:
+            continue
+        auc = rows.loc[(method, "dirichlet-0.5"), "test_auc"]
+        line = f"{method}: test AUC {auc:.3f} ({'meets' if auc >= TARGET_AUC else 'misses'} {TARGET_AUC} by {abs(auc - TARGET_AUC):.3f})"
+        if ("pooled", "dirichlet-0.5") in rows.index:
+            gap = rows.loc[("pooled", "dirichlet-0.5"), "test_auc"] - auc
+            line += f"; {gap:+.3f} below pooled ({'within' if gap <= TARGET_GAP else 'outside'} {TARGET_GAP})"
+        out.append(line)
+    return out
+
+
+def _merged(path: Path, new: pd.DataFrame, keys: list[str]) -> pd.DataFrame:
+    """The rows of an existing results file whose keys were not run this time, followed by the new rows."""
+    if not path.exists() or new.empty:
+        return new
+    old = pd.read_csv(path)
+    if not set(keys) <= set(old.columns):
+        return new
+    kept = old[~old.set_index(keys).index.isin(new.set_index(keys).index)]
+    return pd.concat([kept, new], ignore_index=True)
 
 
 def write(results: Path, runs: list[dict], sites: list[dict], curves: list[dict]) -> pd.DataFrame:
-    """Write the CSVs and the plot; returns the summary table."""
-    runs_df = pd.DataFrame(runs)
-    sites_df = pd.DataFrame(sites).groupby(["split", "seed", "hospital"], as_index=False).first() if sites else pd.DataFrame()
+    """Write the CSVs (merged with the rows of earlier runs not repeated) and the plot; returns the summary table."""
+    runs_df = _merged(results / "quality.csv", pd.DataFrame(runs), ["method", "split", "seed"])
+    sites_df = pd.DataFrame(sites)
+    if not sites_df.empty:
+        sites_df = sites_df.groupby(["split", "seed", "hospital"], as_index=False).first()
+        if (results / "quality-sites.csv").exists():  # columns of methods not run this time are kept
+            old = pd.read_csv(results / "quality-sites.csv").set_index(["split", "seed", "hospital"])
+            sites_df = sites_df.set_index(["split", "seed", "hospital"]).combine_first(old).reset_index()
     table = summary(runs_df, sites_df)
     runs_df.to_csv(results / "quality.csv", index=False, float_format="%.4f")
     sites_df.to_csv(results / "quality-sites.csv", index=False, float_format="%.4f")
     table.to_csv(results / "quality-summary.csv", index=False, float_format="%.4f")
-    if curves:
-        pd.DataFrame(curves).to_csv(results / "quality-rounds.csv", index=False, float_format="%.4f")
-        plot(pd.DataFrame(curves), results / "quality.png")
+    curves_df = _merged(results / "quality-rounds.csv", pd.DataFrame(curves), ["method", "split", "seed", "round"])
+    if not curves_df.empty:
+        curves_df.to_csv(results / "quality-rounds.csv", index=False, float_format="%.4f")
+        plot(curves_df, results / "quality.png")
     return table
 
 

@@ -22,7 +22,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
-from measure import measure  # noqa: E402
+from measure import measure, steady_mean  # noqa: E402
 
 PROJECT = Path(__file__).resolve().parent.parent
 RESULTS = PROJECT / "benchmarks" / "results"
@@ -50,11 +50,10 @@ def run(hospitals: int, rounds: int, output: Path) -> dict:
     history = pd.read_csv(output / name / "history.csv")
     rounds_ = history[history["round"] > 0]
     seconds = rounds_["seconds"].tolist()
-    steady = seconds[1:] or seconds
     return {
         "hospitals": hospitals, "trained_per_round": int(rounds_["n_sites"].iloc[-1]), "rounds": len(seconds),
         "wall_s": done.wall_s, "startup_s": done.wall_s - sum(seconds), "first_round_s": seconds[0],
-        "steady_round_s": sum(steady) / len(steady), "peak_rss_gib": done.peak_rss_bytes / 2**30,
+        "steady_round_s": steady_mean(seconds), "peak_rss_gib": done.peak_rss_bytes / 2**30,
         "final_heldout_auc": float(rounds_["heldout_auc"].iloc[-1]), "failed_replies": int(rounds_["n_failed"].sum()),
     }  # fmt: skip
 

@@ -15,11 +15,11 @@ from flwr.clientapp import ClientApp
 from common import wire
 from common.audit import append_audit
 from common.config import parse_run_config
+from common.deployment import WORKER_SOCKET
 from common.metrics import figures
 from common.site_report import append_site_report
 
 app = ClientApp()
-WORKER_SOCKET = "worker-socket"  # node-config key: the local worker's Unix socket
 
 
 def _work(kind: str, msg: Message, context: Context):

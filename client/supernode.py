@@ -31,39 +31,48 @@ from common.tls import DeploymentError
 WORKER_START_TIMEOUT = 300.0  # seconds for the worker to import TensorFlow and listen
 
 
-def start_worker(folder: Path, env: dict[str, str]) -> subprocess.Popen:
-    """Start the training worker and wait until it listens on folder/worker.sock; raises DeploymentError if it does not."""
-    worker = subprocess.Popen([sys.executable, "-m", "client.worker", "--folder", str(folder)], env=env)
+def wait_for_worker(worker: subprocess.Popen, socket_path: Path) -> None:
+    """Wait until the worker listens on its socket; raises DeploymentError if it exits or takes too long."""
     deadline = time.monotonic() + WORKER_START_TIMEOUT
-    while not (folder / SOCKET_FILE).exists():
+    while not socket_path.exists():
         if worker.poll() is not None:
-            raise DeploymentError(f"the training worker exited at start-up with code {worker.returncode} (its output is above)")
+            raise DeploymentError(f"the training worker exited at start-up with code {exit_code(worker.returncode)} (its output is above)")
         if time.monotonic() > deadline:
-            worker.kill()
             raise DeploymentError(f"the training worker did not start listening within {WORKER_START_TIMEOUT:.0f} s")
         time.sleep(0.2)
-    return worker
 
 
-def supervise(processes: dict[str, subprocess.Popen]) -> int:
-    """Wait until one process ends, then stop the others; returns the SuperNode's exit code, or 1 if the worker died."""
-    try:
-        while all(p.poll() is None for p in processes.values()):
-            time.sleep(0.5)
-    finally:
-        for p in processes.values():
-            if p.poll() is None:
-                p.terminate()
-        for p in processes.values():
-            try:
-                p.wait(10)
-            except subprocess.TimeoutExpired:
-                p.kill()
-    node, worker = processes["supernode"], processes["worker"]
-    if worker.returncode not in (0, -signal.SIGTERM) and node.returncode in (None, 0, -signal.SIGTERM):
-        print(f"fedimaging: the training worker stopped with code {worker.returncode}: the SuperNode was stopped too", file=sys.stderr)
-        return 1
-    return node.returncode if node.returncode is not None else 1
+def exit_code(returncode: int) -> int:
+    """A child's exit status as a shell reports it: 128 + the signal's number when a signal ended it."""
+    return 128 - returncode if returncode < 0 else returncode
+
+
+def supervise(node: subprocess.Popen, worker: subprocess.Popen, socket_path: Path) -> int:
+    """Wait until the SuperNode or the worker ends, or the worker's socket vanishes; the SuperNode's exit status, or
+    1 when the worker failed first (the caller stops whatever still runs)."""
+    while True:
+        if node.poll() is not None:
+            return exit_code(node.returncode)
+        if worker.poll() is not None:
+            print(f"fedimaging: the training worker stopped (code {exit_code(worker.returncode)}): stopping the SuperNode", file=sys.stderr)
+            return 1
+        if not socket_path.exists():  # e.g. a /tmp cleaner removed it: messages would fail until a restart
+            print(f"fedimaging: the training worker's socket {socket_path} is gone: stopping, restart to recover", file=sys.stderr)
+            return 1
+        time.sleep(0.5)
+
+
+def stop_all(processes: list[subprocess.Popen]) -> None:
+    """Terminate the processes still running, and kill those that do not stop within 10 s."""
+    for p in processes:
+        if p.poll() is None:
+            p.terminate()
+    for p in processes:
+        try:
+            p.wait(10)
+        except subprocess.TimeoutExpired:
+            p.kill()
+            p.wait()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -76,8 +85,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--port", type=int, default=9094, help="the SuperNode's local runtime port (loopback only)")
     parser.add_argument("--insecure", action="store_true", help="no TLS and no node authentication: local rehearsal only")
     parser.add_argument("--no-worker", action="store_true", help="no long-lived worker: each message imports TensorFlow and loads the site anew")
+    parser.add_argument("--worker-dir", type=Path, help="where the worker's private socket folder goes (default: $XDG_RUNTIME_DIR, else the temporary folder)")
     args = parser.parse_args(argv)
-    folder = None if args.no_worker else Path(tempfile.mkdtemp(prefix="fedimaging-worker-"))  # mode 700
+    # The worker's socket folder: private to this user, and outside /tmp where one is available (cleaners prune /tmp).
+    folder = None if args.no_worker else Path(tempfile.mkdtemp(prefix="fedimaging-worker-", dir=args.worker_dir or os.environ.get("XDG_RUNTIME_DIR")))
     setup = SuperNodeSetup(args.site, args.superlink, args.ca, args.key, args.insecure, args.port, folder / SOCKET_FILE if folder else None)
     try:
         command = supernode_command(setup)
@@ -93,18 +104,18 @@ def main(argv: list[str] | None = None) -> int:
         os.execve(command[0], command, env)
     # A SIGTERM (systemd, docker stop) unwinds like Ctrl-C, so the worker and the SuperNode stop together.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
-    processes: dict[str, subprocess.Popen] = {}
+    processes: list[subprocess.Popen] = []
     try:
-        processes["worker"] = start_worker(folder, env)
-        processes["supernode"] = subprocess.Popen(command, env=env)
-        return supervise(processes)
+        worker = subprocess.Popen([sys.executable, "-m", "client.worker", "--folder", str(folder)], env=env)
+        processes.append(worker)
+        wait_for_worker(worker, folder / SOCKET_FILE)
+        processes.append(subprocess.Popen(command, env=env))
+        return supervise(processes[1], worker, folder / SOCKET_FILE)
     except DeploymentError as exc:
         print(f"fedimaging: error: {exc}", file=sys.stderr)
         return 2
     finally:
-        for p in processes.values():
-            if p.poll() is None:
-                p.kill()
+        stop_all(processes)
         shutil.rmtree(folder, ignore_errors=True)
 
 

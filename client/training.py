@@ -24,7 +24,7 @@ import tensorflow as tf  # noqa: E402
 
 from common.config import Augmentation, DicomSettings, RunConfig, parse_run_config  # noqa: E402
 from common.metrics import statistics  # noqa: E402
-from common.model import build_model, class_weights, reset_optimizer, set_anchor, set_class_weights  # noqa: E402
+from common.model import reset_optimizer, run_model, set_anchor, weigh_classes  # noqa: E402
 from common.pipeline import dataset  # noqa: E402
 from common.runtime import configure_tensorflow  # noqa: E402
 from client.results import Scored, Trained  # noqa: E402
@@ -88,8 +88,7 @@ def _load_site(cfg: RunConfig, node_config: dict) -> _Site:
 def _model(cfg: RunConfig) -> keras.Model:
     """The compiled model, built once per process and reused across rounds and hospitals."""
     keras.backend.clear_session()  # a new architecture: drop the graphs of the previous one
-    gamma = cfg.focal_gamma if cfg.loss == "focal" else 0.0
-    return build_model(cfg.model, (cfg.image_size, cfg.image_size, cfg.channels), len(cfg.labels), cfg.learning_rate, gamma, cfg.proximal_mu)
+    return run_model(cfg)
 
 
 def _setup(run_config: dict, node_config: dict, weights: list[np.ndarray]) -> tuple[RunConfig, _Site, keras.Model]:
@@ -107,10 +106,7 @@ def train(run_config: dict, node_config: dict, weights: list[np.ndarray]) -> Tra
     reset_optimizer(model)
     set_anchor(model)  # FedProx: the global weights just received
     labels = site.data.train.labels
-    if cfg.class_weighting == "balanced":
-        set_class_weights(model, *class_weights(labels))
-    else:
-        set_class_weights(model, np.ones(labels.shape[1]), np.ones(labels.shape[1]))
+    weigh_classes(model, labels, cfg.class_weighting)
     history = model.fit(site.train, epochs=cfg.local_epochs, shuffle=False, verbose=0)  # the pipeline shuffles
     return Trained(site.data.name, model.get_weights(), len(labels), float(history.history["loss"][-1]), len(site.data.unreadable), site.report_dir)
 

@@ -25,6 +25,7 @@ def flower_process_env() -> dict[str, str]:
     return {**os.environ, **OFFLINE_FLOWER, "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"}
 
 
+WORKER_SOCKET = "worker-socket"  # node-config key: the hospital's training worker's Unix socket (client/worker.py)
 INSECURE_WARNING = "WARNING: insecure mode: no TLS, no node authentication; for a local rehearsal only, never across a network"
 
 
@@ -72,7 +73,7 @@ def supernode_command(setup: SuperNodeSetup, probe: bool = True) -> list[str]:
     load_site_config(setup.site_file)
     command = [
         str(BIN / "flower-supernode"), "--superlink", setup.superlink, "--port", str(setup.port), "--host", "127.0.0.1",
-        "--node-config", f"site-config='{Path(setup.site_file).resolve()}'" + (f" worker-socket='{setup.worker_socket}'" if setup.worker_socket else ""),
+        "--node-config", f"site-config='{Path(setup.site_file).resolve()}'" + (f" {WORKER_SOCKET}='{setup.worker_socket}'" if setup.worker_socket else ""),
     ]  # fmt: skip
     if setup.insecure:
         if probe:

@@ -9,6 +9,8 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from common.config import RunConfig
+
 LAST_CONV = "last_conv"
 LOGITS = "logits"
 
@@ -150,6 +152,20 @@ def build_model(
         model = ProximalModel(model.inputs, model.outputs, proximal_mu, name=model.name)
     model.compile(optimizer=keras.optimizers.Adam(learning_rate), loss=WeightedFocalLoss(n_labels, focal_gamma))
     return model
+
+
+def run_model(cfg: RunConfig) -> keras.Model:
+    """The run's model as every hospital trains it: architecture, input, labels, learning rate, loss, FedProx term."""
+    gamma = cfg.focal_gamma if cfg.loss == "focal" else 0.0
+    return build_model(cfg.model, (cfg.image_size, cfg.image_size, cfg.channels), len(cfg.labels), cfg.learning_rate, gamma, cfg.proximal_mu)
+
+
+def weigh_classes(model: keras.Model, labels: np.ndarray, weighting: str) -> None:
+    """Set the loss's class weights for the site about to train: balanced from its own labels (n, n_labels), or ones."""
+    if weighting == "balanced":
+        set_class_weights(model, *class_weights(labels))
+    else:
+        set_class_weights(model, np.ones(labels.shape[1]), np.ones(labels.shape[1]))
 
 
 def reset_optimizer(model: keras.Model) -> None:

@@ -9,16 +9,26 @@ import keras
 import tensorflow as tf
 
 log = logging.getLogger(__name__)
-_configured: str | None = None
+_devices: tuple[str, bool] | None = None  # (the device in words, whether it is a GPU), fixed at the first call
 
 
 def configure_tensorflow(threads: int, gpu: int = 0, mixed_precision: bool = False) -> str:
     """Limit TensorFlow to `threads` threads; use GPU number `gpu` where TensorFlow sees one, its memory growing as
     needed (so several processes can share a card), in mixed precision if asked; else the CPU, saying so. Returns
-    the device in words. Idempotent."""
-    global _configured
-    if _configured is not None:
-        return _configured
+    the device in words.
+
+    Threads and device are fixed at the first call (TensorFlow allows no change once it ran); the precision policy is
+    set on every call, so a long-lived process serving run after run follows each run's `mixed-precision`."""
+    global _devices
+    if _devices is None:
+        _devices = _set_devices(threads, gpu)
+    device, on_gpu = _devices
+    keras.mixed_precision.set_global_policy("mixed_float16" if on_gpu and mixed_precision else "float32")  # logits stay float32
+    return f"{device}, mixed precision" if on_gpu and mixed_precision else device
+
+
+def _set_devices(threads: int, gpu: int) -> tuple[str, bool]:
+    """Threads, the visible GPU and its memory growth; the device in words and whether it is a GPU."""
     gpus = tf.config.list_physical_devices("GPU")
     try:
         tf.config.threading.set_intra_op_parallelism_threads(threads)
@@ -32,9 +42,7 @@ def configure_tensorflow(threads: int, gpu: int = 0, mixed_precision: bool = Fal
             gpus = [chosen]
     except RuntimeError as exc:  # TensorFlow already ran an operation in this process: its settings are fixed
         log.warning("TensorFlow was initialised before its device settings could be applied: %s", exc)
-    if gpus and mixed_precision:
-        keras.mixed_precision.set_global_policy("mixed_float16")  # the logits layer stays float32 (common/model.py)
-    _configured = f"GPU ({gpus[0].name}{', mixed precision' if mixed_precision else ''})" if gpus else f"CPU ({threads} thread(s))"
     if not gpus:
         log.info("no GPU visible to TensorFlow: training on the CPU with %d thread(s)", threads)
-    return _configured
+        return f"CPU ({threads} thread(s))", False
+    return f"GPU ({gpus[0].name})", True

@@ -18,7 +18,8 @@ class ServerAdam:
     """FedAdam (Reddi et al., ICLR 2021): the global model takes an Adam step along the pseudo-gradient (mean - global).
 
     Only trainable weights take the step; batch-normalisation statistics take the hospitals' mean, since an Adam step
-    could push a variance below zero. No bias correction, as in the paper; tau bounds the step where hospitals agree.
+    could push a variance below zero. No bias correction, as in the paper; tau bounds the step of a weight whose
+    pseudo-gradient has stayed small.
     """
 
     learning_rate: float

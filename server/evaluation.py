@@ -36,7 +36,7 @@ def evaluate_heldout(model: keras.Model, heldout: ImageSet, cfg: RunConfig, thre
     row |= per_label("brier", [brier_score(probabilities[:, j], labels[:, j]) for j in range(len(names))], names)
     counts = None
     if thresholds is not None and not np.isnan(thresholds).all():
-        counts = confusion_counts(logits, labels, np.nan_to_num(thresholds, nan=0.5))
+        counts = confusion_counts(logits, labels, np.nan_to_num(thresholds, nan=cfg.threshold))
         at = [clinical_figures(c) for c in counts]
         for name in at[0]:
             row |= per_label(f"{name}_at_threshold", [a[name] for a in at], names)

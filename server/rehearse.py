@@ -77,7 +77,8 @@ def start_supernode(
 
     With worker (as hospitals run it): `python -m client.supernode`, which checks everything, then runs the SuperNode
     beside the hospital's long-lived training worker. Without: a bare flower-supernode, where every message starts a
-    fresh ClientApp process that does all the work (and nothing checks the node first, so an intruder can be staged).
+    fresh ClientApp process that does all the work; nothing checks the node first, so a plaintext intruder that our
+    start command would refuse can be staged.
     """
     insecure = federation.insecure if insecure is None else insecure
     certs = federation.workdir / "certs"

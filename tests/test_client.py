@@ -12,7 +12,8 @@ import pandas as pd
 import pytest
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
 
-from client.app import WORKER_SOCKET, app
+from client.app import app
+from common.deployment import WORKER_SOCKET
 from client.worker import SOCKET_FILE, WorkerError, call
 from common import wire
 from common.config import ConfigError, config_to_dict
@@ -119,6 +120,7 @@ def test_every_reply_is_in_the_hospitals_audit_log_with_the_hash_the_server_comp
 def worker(tmp_path):
     """A hospital's training worker running in its own process, as client.supernode starts it; stopped afterwards."""
     folder = tmp_path / "worker"
+    folder.mkdir(mode=0o700)  # client.supernode makes it
     process = subprocess.Popen([sys.executable, "-m", "client.worker", "--folder", str(folder)])
     deadline = time.monotonic() + 120
     while not (folder / SOCKET_FILE).exists():
@@ -152,6 +154,10 @@ def test_the_worker_refuses_strangers_and_its_failures_reach_the_caller_in_words
         call(str(worker), "train", config_to_dict(small_cfg), {"partition-id": 7}, weights)
     with pytest.raises(WorkerError, match="unknown request 'predict'"):
         call(str(worker), "predict", config_to_dict(small_cfg), {"partition-id": 1}, weights)
+    with mpc.Client(str(worker), family="AF_UNIX", authkey=(worker.parent / "worker.key").read_bytes()) as connection:
+        connection.send((0, "train", {}, {}, []))  # a ClientApp of another fedimaging version
+        status, message = connection.recv()
+    assert status == "error" and "install the same fedimaging version" in message
     with pytest.raises(WorkerError, match="does not answer"):
         call(str(tmp_path / "gone" / SOCKET_FILE), "train", config_to_dict(small_cfg), {"partition-id": 1}, weights)
 
@@ -171,3 +177,25 @@ def test_a_process_keeps_only_the_sites_that_fit_its_cache(small_cfg, monkeypatc
     for hospital in (0, 2):
         _call(MessageType.EVALUATE, weights, small_cfg, hospital=hospital)
     assert [dict(node)["partition-id"] for _, node in training._sites] == [1, 0, 2]
+
+
+def test_the_hospital_stops_when_its_worker_dies_and_says_so(tmp_path, capsys):
+    from client.supernode import stop_all, supervise
+
+    socket_path = tmp_path / SOCKET_FILE
+    socket_path.touch()
+    node = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    worker = subprocess.Popen([sys.executable, "-c", "raise SystemExit(3)"])
+    try:
+        assert supervise(node, worker, socket_path) == 1
+    finally:
+        stop_all([node, worker])
+    assert node.returncode is not None and "the training worker stopped (code 3)" in capsys.readouterr().err
+    node = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    worker = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    socket_path.unlink()  # as a /tmp cleaner would
+    try:
+        assert supervise(node, worker, socket_path) == 1
+    finally:
+        stop_all([node, worker])
+    assert "is gone" in capsys.readouterr().err
