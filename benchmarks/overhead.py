@@ -164,7 +164,7 @@ def plot(prof: pd.DataFrame, path: Path) -> None:
     table.plot.barh(stacked=True, ax=ax, colormap="tab10", width=0.6)
     ax.invert_yaxis()
     ax.set(xlabel="seconds per round (mean of rounds 2..R)", ylabel="", title="Where a federated round's time goes")
-    ax.legend(fontsize=8, ncol=len(table.columns), loc="upper center", bbox_to_anchor=(0.5, -0.25))
+    ax.legend(fontsize=8, loc="lower right", title="phase", title_fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

@@ -5,7 +5,7 @@ Keras `fit` on the same images and device: on the CPU, and on the GPU where Tens
     .venv/bin/python benchmarks/throughput.py --images 200 --epochs 2 --batch-size 16
 
 Each device runs in its own process (the CPU one with CUDA_VISIBLE_DEVICES=-1). The first epoch (graph tracing,
-the pipeline's cache filling) is timed apart; the figures are the later epochs. Writes
+the pipeline's cache filling) is left out; the figures are the later epochs. Writes
 benchmarks/results/throughput.csv and throughput.png; prints the table.
 """
 
@@ -25,12 +25,16 @@ PROJECT = Path(__file__).resolve().parent.parent
 RESULTS = PROJECT / "benchmarks" / "results"
 
 
-def measure_device(images: int, size: int, epochs: int, batch_size: int) -> dict:
-    """In this process: our local training's and plain fit's images per second on the device TensorFlow uses."""
+def measure_device(images: int, size: int, epochs: int, batch_size: int, gpu: bool) -> dict:
+    """In this process: our local training's and plain fit's images per second on the device TensorFlow uses; for
+    `gpu`, nothing when TensorFlow sees none."""
     sys.path.insert(0, str(PROJECT))
     import keras
     import numpy as np
     import tensorflow as tf
+
+    if gpu and not tf.config.list_physical_devices("GPU"):
+        return {"device": ""}
 
     from client import training
     from common.config import config_to_dict, parse_run_config, project_settings
@@ -76,13 +80,13 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     for batch_size in args.batch_size or [16, 64]:
         for device, env in (("cpu", {"CUDA_VISIBLE_DEVICES": "-1"}), ("gpu", {})):
-            spec = json.dumps({"images": args.images, "size": args.image_size, "epochs": args.epochs, "batch_size": batch_size})
+            spec = json.dumps({"images": args.images, "size": args.image_size, "epochs": args.epochs, "batch_size": batch_size, "gpu": device == "gpu"})
             done = subprocess.run([sys.executable, __file__, "--device-run", spec], cwd=PROJECT, capture_output=True, text=True,
                                   env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", **env})  # fmt: skip
             if done.returncode != 0:
                 raise RuntimeError(f"{device}, batch {batch_size}: the measurement failed:\n{done.stderr[-3000:]}")
             row = json.loads(done.stdout.strip().splitlines()[-1])
-            if device == "gpu" and row["device"].startswith("CPU"):
+            if not row["device"]:
                 print(f"no GPU visible to TensorFlow: batch {batch_size} measured on the CPU only", flush=True)
                 continue
             rows.append(row | {"ours_vs_plain": row["ours_images_per_s"] / row["plain_fit_images_per_s"]})
