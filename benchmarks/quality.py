@@ -328,7 +328,7 @@ def verdicts(table: pd.DataFrame) -> list[str]:
         line = f"{method}: test AUC {auc:.3f} ({'meets' if auc >= TARGET_AUC else 'misses'} {TARGET_AUC} by {abs(auc - TARGET_AUC):.3f})"
         if ("pooled", "dirichlet-0.5") in rows.index:
             gap = rows.loc[("pooled", "dirichlet-0.5"), "test_auc"] - auc
-            line += f"; {gap:+.3f} below pooled ({'within' if gap <= TARGET_GAP else 'outside'} {TARGET_GAP})"
+            line += f"; {abs(gap):.3f} {'below' if gap >= 0 else 'above'} pooled ({'within' if gap <= TARGET_GAP else 'outside'} {TARGET_GAP})"
         out.append(line)
     return out
 
