@@ -1,6 +1,6 @@
 """Federated quality against pooled and single-hospital training, on PneumoniaMNIST at its native 28x28.
 
-    .venv/bin/python benchmarks/quality.py                        # every method, 3 seeds (about 50 min on 2 cores)
+    .venv/bin/python benchmarks/quality.py                        # every method, 3 seeds (about 75 min on 2 cores)
     .venv/bin/python benchmarks/quality.py --seeds 1 --only fedavg-dirichlet-0.5
 
 Every method sees the same images and the same number of passes over them (rounds x local epochs = epochs):
