@@ -43,7 +43,7 @@ PROJECT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(PROJECT))
 
 from common.config import RunConfig, parse_run_config, project_settings  # noqa: E402
-from common.data import ImageSet  # noqa: E402
+from common.image_set import ImageSet  # noqa: E402
 from common.metrics import clinical_figures, confusion_counts, figures, operating_point, statistics  # noqa: E402
 from common.model import run_model, weigh_classes  # noqa: E402
 from common.partition import heldout_set, hospital_data, hospital_test  # noqa: E402

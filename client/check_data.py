@@ -13,8 +13,10 @@ import sys
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-from common.config import ConfigError, load_site_config, parse_overrides, parse_run_config, project_settings  # noqa: E402
-from common.site_data import check_site  # noqa: E402
+from common.config import parse_overrides, parse_run_config, project_settings  # noqa: E402
+from common.data_check import check_site  # noqa: E402
+from common.errors import ConfigError  # noqa: E402
+from common.site_file import load_site_config  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,5 +1,6 @@
 """What a hospital's local work returns to its Flower handlers: plain data, light to import (no TensorFlow), so a
-long-lived worker can hand it to a per-message ClientApp process."""
+long-lived worker can hand it to a per-message ClientApp process. Only what may leave the hospital, and the
+hospital's own report of the global model, which stays there."""
 
 from __future__ import annotations
 
@@ -7,7 +8,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
+
+from common.bin_floor import Intervals
 
 
 @dataclass(frozen=True)
@@ -19,17 +21,28 @@ class Trained:
     num_examples: int
     loss: float
     skipped: int  # unreadable files left out (skip-unreadable)
+    not_images: int  # files holding no image, left out
     report_dir: Path | None  # the site file's report-dir; None for a simulated hospital (it reports into the run folder)
 
 
 @dataclass(frozen=True)
 class Scored:
-    """The global model on the site's validation images, as aggregate counts and score histograms only."""
+    """The global model on the site's validation images: the score intervals the histogram floor lets out, and the
+    site's own exact figures for its own report (they stay at the hospital)."""
 
     site: str
     num_examples: int
-    counts: np.ndarray  # (n_labels, 4) confusion counts at the run's threshold
-    pos: np.ndarray  # (n_labels, n_bins) score histograms of the positives
-    neg: np.ndarray  # (n_labels, n_bins) and of the negatives
-    unreadable: pd.DataFrame  # files left out, for the site's own report
+    intervals: list[Intervals]  # one per label
+    own_figures: dict[str, float]  # AUC, sensitivity, specificity on the site's own patients, exact
+    left_out: int  # files left out (unreadable and skipped, or holding no image), for the site's own report
+    report_dir: Path | None
+
+
+@dataclass(frozen=True)
+class Matched:
+    """How many of the site's images equal one of the server's held-out images, and which held-out images if asked."""
+
+    site: str
+    count: int
+    rows: list[int] | None
     report_dir: Path | None

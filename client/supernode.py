@@ -24,7 +24,7 @@ import time
 from pathlib import Path
 
 from client.worker import SOCKET_FILE
-from common.config import ConfigError
+from common.errors import ConfigError
 from common.deployment import INSECURE_WARNING, SuperNodeSetup, flower_process_env, supernode_command
 from common.tls import DeploymentError
 

@@ -1,4 +1,5 @@
-"""A hospital's local work: load its site once, train the shared CNN on it, score its validation images.
+"""A hospital's local work: load its site once, train the shared CNN on it, score its validation images (applying the
+histogram floor before anything leaves), and answer the server's held-out overlap question.
 
 TensorFlow lives here and not in the Flower handlers (client/app.py), so that a deployed hospital's per-message
 ClientApp processes need not import it: a long-lived worker (client/worker.py) runs these functions instead.
@@ -22,13 +23,18 @@ import keras  # noqa: E402
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
-from common.config import Augmentation, DicomSettings, RunConfig, parse_run_config  # noqa: E402
-from common.metrics import statistics  # noqa: E402
+from client.results import Matched, Scored, Trained  # noqa: E402
+from common.atomic import write_csv  # noqa: E402
+from common.bin_floor import floor_intervals  # noqa: E402
+from common.config import RunConfig, parse_run_config  # noqa: E402
+from common.metrics import figures, statistics, threshold_edge  # noqa: E402
 from common.model import reset_optimizer, run_model, set_anchor, weigh_classes  # noqa: E402
 from common.pipeline import dataset  # noqa: E402
 from common.runtime import configure_tensorflow  # noqa: E402
-from client.results import Scored, Trained  # noqa: E402
+from common.scan import NOT_AN_IMAGE, UNREADABLE  # noqa: E402
 from common.site_data import SiteData, hospital_site  # noqa: E402
+from common.site_file import Augmentation, DicomSettings  # noqa: E402
+from common.wire import answer_overlap_query  # noqa: E402
 
 
 @functools.lru_cache(maxsize=4)
@@ -47,6 +53,7 @@ class _Site:
     report_dir: Path | None
 
 
+LEFT_OUT = "left_out.csv"  # in a site's report-dir: every file left out (holding no image, or unreadable and skipped) and why
 SITE_CACHE_BYTES = 2 << 30  # a process keeps the sites it served while their decoded images fit in this; then the oldest go
 _sites: OrderedDict[tuple, _Site] = OrderedDict()  # least recently served first
 
@@ -77,11 +84,15 @@ def _load_site(cfg: RunConfig, node_config: dict) -> _Site:
     data, site = hospital_site(cfg, node_config)
     device = configure_tensorflow(cfg.threads_per_client, site.gpu if site is not None else 0, cfg.mixed_precision)
     if site is not None:
-        print(f"[{data.name}] {len(data.train)} training and {len(data.val)} validation images; training on {device}", flush=True)
+        left = f"; left out {len(data.left_out)} file(s), listed in {site.report_dir / LEFT_OUT}" if len(data.left_out) else ""
+        print(f"[{data.name}] {len(data.train)} training and {len(data.val)} validation images{left}; training on {device}", flush=True)
+        if site.report_dir is not None:
+            site.report_dir.mkdir(parents=True, exist_ok=True)
+            write_csv(site.report_dir / LEFT_OUT, data.left_out)
     augmentation, dicom = (site.augmentation, site.dicom) if site is not None else (Augmentation(), DicomSettings())
     seed = cfg.seed + (site.seed if site is not None else 0)
-    train = dataset(data.train, cfg, training=True, seed=seed, augmentation=augmentation, dicom=dicom)
-    return _Site(data, train, dataset(data.val, cfg, training=False, dicom=dicom), site.report_dir if site is not None else None)
+    train = dataset(data.train, cfg, training=True, seed=seed, augmentation=augmentation, dicom=dicom, fit=data.fit)
+    return _Site(data, train, dataset(data.val, cfg, training=False, dicom=dicom, fit=data.fit), site.report_dir if site is not None else None)
 
 
 @functools.lru_cache(maxsize=1)
@@ -108,12 +119,26 @@ def train(run_config: dict, node_config: dict, weights: list[np.ndarray]) -> Tra
     labels = site.data.train.labels
     weigh_classes(model, labels, cfg.class_weighting)
     history = model.fit(site.train, epochs=cfg.local_epochs, shuffle=False, verbose=0)  # the pipeline shuffles
-    return Trained(site.data.name, model.get_weights(), len(labels), float(history.history["loss"][-1]), len(site.data.unreadable), site.report_dir)
+    data = site.data
+    return Trained(data.name, model.get_weights(), len(labels), float(history.history["loss"][-1]), data.count(UNREADABLE), data.count(NOT_AN_IMAGE), site.report_dir)
 
 
 def score(run_config: dict, node_config: dict, weights: list[np.ndarray]) -> Scored:
-    """Score this hospital's validation images with the global weights, summed into counts and histograms."""
+    """Score this hospital's validation images with the global weights: its own exact figures for its report, and for
+    the server only the score intervals the histogram floor allows (common/bin_floor.py), applied here, at the hospital."""
     cfg, site, model = _setup(run_config, node_config, weights)
     logits = model.predict(site.val, verbose=0)  # (n, n_labels), in the order of val
     counts, pos, neg = statistics(logits, site.data.val.labels, cfg.threshold, cfg.histogram_bins)
-    return Scored(site.data.name, len(site.data.val), counts, pos, neg, site.data.unreadable, site.report_dir)
+    root = threshold_edge(cfg.histogram_bins, cfg.threshold) + 1  # the first bin above the run's threshold
+    intervals = [floor_intervals(pos[j], neg[j], cfg.min_bin_images, root) for j in range(len(cfg.labels))]
+    own = figures(counts, pos, neg, cfg.labels)
+    return Scored(site.data.name, len(site.data.val), intervals, own, len(site.data.left_out), site.report_dir)
+
+
+def overlap(run_config: dict, node_config: dict, query: tuple[bytes, list[str], bool]) -> Matched:
+    """How many of this hospital's images (training and validation) have the pixels of one of the server's held-out
+    images, from the keyed digests the server sent; and which held-out images, when the server asks."""
+    cfg = _run_config(tuple(sorted(run_config.items())))
+    site = _site(cfg, tuple(sorted(node_config.items())))
+    count, rows = answer_overlap_query(*query, site.data.digests)
+    return Matched(site.data.name, count, rows, site.report_dir)

@@ -22,10 +22,10 @@ from pathlib import Path
 
 SOCKET_FILE = "worker.sock"
 KEY_FILE = "worker.key"
-KINDS = ("train", "score")
+KINDS = ("train", "score", "overlap")
 # Bumped whenever a request or a result changes. In deployment the ClientApp comes with the run's app while the
 # worker runs the hospital's installation; a mismatch must be said, not surface as an unpickling error.
-PROTOCOL = 1
+PROTOCOL = 2
 REQUEST_TIMEOUT = 60.0  # seconds a connected caller has to send its request
 
 
@@ -33,12 +33,13 @@ class WorkerError(RuntimeError):
     """The worker could not be reached, or its work failed; the message says which and why."""
 
 
-def call(socket_path: str, kind: str, run_config: dict, node_config: dict, weights: list):
-    """Ask the worker at socket_path to run training.<kind>; returns its Trained or Scored, or raises WorkerError."""
+def call(socket_path: str, kind: str, run_config: dict, node_config: dict, payload):
+    """Ask the worker at socket_path to run training.<kind> on the payload (global weights, or the overlap question);
+    returns its Trained, Scored or Matched, or raises WorkerError."""
     try:
         key = (Path(socket_path).parent / KEY_FILE).read_bytes()
         with mpc.Client(socket_path, family="AF_UNIX", authkey=key) as connection:
-            connection.send((PROTOCOL, kind, run_config, node_config, weights))
+            connection.send((PROTOCOL, kind, run_config, node_config, payload))
             status, value = connection.recv()
     except (OSError, EOFError, mpc.AuthenticationError) as exc:
         raise WorkerError(f"the hospital's training worker at {socket_path} does not answer ({exc}); restart `python -m client.supernode`") from exc
@@ -84,10 +85,10 @@ def _answer(connection: mpc.Connection, training) -> None:
                 f"the ClientApp speaks worker protocol {request[0] if isinstance(request, tuple) and request else '?'}, this worker "
                 f"{PROTOCOL}: install the same fedimaging version at the hospital as the run's app, then restart client.supernode"
             )
-        _, kind, run_config, node_config, weights = request
+        _, kind, run_config, node_config, payload = request
         if kind not in KINDS:
             raise WorkerError(f"unknown request {kind!r}: expected one of {', '.join(KINDS)}")
-        reply = ("ok", getattr(training, kind)(run_config, node_config, weights))
+        reply = ("ok", getattr(training, kind)(run_config, node_config, payload))
     except Exception as exc:  # noqa: BLE001 -- said to the caller, whose Flower reply carries it to the server
         traceback.print_exc()
         reply = ("error", f"{type(exc).__name__}: {exc}")

@@ -5,27 +5,28 @@ from __future__ import annotations
 
 import datetime as dt
 import json
-import os
 from pathlib import Path
 
 from flwr.app import RecordDict
 
+from common.atomic import append_line
 from common.wire import payload_summary
 
 AUDIT_FILE = "audit.jsonl"
 
 
-def append_audit(folder: Path, content: RecordDict, run_id: int, server_round: int, message_type: str, site: str) -> dict:
-    """Append one line for a message about to be sent to folder/audit.jsonl, flushed to disk; returns the entry."""
+def append_audit(
+    folder: Path, content: RecordDict, run_id: int, server_round: int, message_type: str, site: str, error: str = ""
+) -> dict:
+    """Append one line for a message about to be sent to folder/audit.jsonl (rewritten atomically, so a kill never
+    leaves half a line); a failed message's entry holds the one line of error it carries instead of content; returns
+    the entry."""
     entry = {
         "time": dt.datetime.now(dt.timezone.utc).isoformat(timespec="milliseconds"), "site": site, "run": run_id,
-        "round": server_round, "type": message_type, **payload_summary(content),
+        "round": server_round, "type": message_type, **({"error": error} if error else payload_summary(content)),
     }  # fmt: skip
     folder.mkdir(parents=True, exist_ok=True)
-    with open(folder / AUDIT_FILE, "a") as f:
-        f.write(json.dumps(entry, sort_keys=False) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
+    append_line(folder / AUDIT_FILE, json.dumps(entry, sort_keys=False))
     return entry
 
 

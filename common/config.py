@@ -9,15 +9,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
+from common.errors import ConfigError
+from common.site_file import FITS
+
 MODELS = ("lightcnn", "seedcnn")
 PARTITIONS = ("iid", "dirichlet")
 LOSSES = ("bce", "focal")
 WEIGHTINGS = ("none", "balanced")
 AGGREGATIONS = ("fedavg", "fedadam")
-
-
-class ConfigError(ValueError):
-    """A run setting is missing, unknown or out of range; the message names it."""
+OVERLAPS = ("count", "exclude")
 
 
 def _setting(default: Any, check: Callable[[Any], bool] | None = None, allowed: str = "", doc: str = "") -> Any:
@@ -51,18 +51,20 @@ class RunConfig:
     min_hospitals: int = _setting(2, _positive, "an integer >= 1", "fewest hospitals a round may start with")
     round_timeout: float = _setting(600.0, _positive, "a number of seconds > 0", "how long the server waits for replies")
     reply_poll_seconds: float = _setting(0.1, lambda v: 0 < v <= 10, "a number of seconds in (0, 10]", "how often the server asks the SuperLink for the hospitals' replies (Flower's own default: 3 s when deployed)")
-    early_stop_rounds: int = _setting(0, lambda v: v >= 0, "an integer >= 0 (0: off)", "stop after this many rounds without a better pooled AUC")
+    early_stop_rounds: int = _setting(0, lambda v: v >= 0, "an integer >= 0 (0: off)", "stop after this many rounds without a better model by the selection criterion (pooled validation AUC, else pooled validation log loss)")
     model: str = _setting("lightcnn", lambda v: v in MODELS, f"one of {', '.join(MODELS)}", "the CNN (common/model.py)")
     initial_weights: str = _setting("", None, "a path to a .keras or .weights.h5 file, or empty", "initial global weights")
     labels: tuple[str, ...] = _setting(("lesion",), lambda v: len(v) >= 1 and len(set(v)) == len(v) and all(v), "comma-separated distinct names", "the findings, one logit each")
     image_size: int = _setting(64, lambda v: 16 <= v <= 1024, "an integer in [16, 1024]", "model input height and width")
     channels: int = _setting(1, lambda v: v in (1, 3), "1 (grey) or 3 (RGB)", "model input channels; every site's images are converted to them")
+    image_fit: str = _setting("pad", lambda v: v in FITS, f"one of {', '.join(FITS)}", "how an image that is not square becomes the square input: pad with black, crop its centre, or stretch (a site file may choose its own)")
     loss: str = _setting("bce", lambda v: v in LOSSES, f"one of {', '.join(LOSSES)}", "binary cross-entropy, or focal loss (down-weights easy images)")
     focal_gamma: float = _setting(2.0, lambda v: v >= 0, "a number >= 0", "focal loss: how strongly easy images are down-weighted")
     class_weighting: str = _setting("balanced", lambda v: v in WEIGHTINGS, f"one of {', '.join(WEIGHTINGS)}", "balanced: each site weighs positives and negatives of a label by its own counts")
     data: str = _setting("synthetic", None, "'synthetic' or a path to an .npz file", "the images the simulated hospitals share out")
     sites: tuple[str, ...] = _setting((), None, "comma-separated site YAML files, or empty", "simulate these sites (one hospital per file) instead of sharing out `data`")
     heldout_site: str = _setting("", None, "a site YAML file, or empty", "the server's held-out set: every image of this site (default: built-in or the .npz test split)")
+    heldout_overlap: str = _setting("count", lambda v: v in OVERLAPS, f"one of {', '.join(OVERLAPS)}", "before training each hospital counts its images whose pixels equal a held-out image's (keyed digests; no image leaves); exclude: it also says which, and the server leaves those out of its held-out set")
     num_hospitals: int = _setting(4, _positive, "an integer >= 1", "simulated hospitals")
     images_per_hospital: int = _setting(600, lambda v: v >= 10, "an integer >= 10", "built-in data: images made per hospital on average")
     heldout_images: int = _setting(800, lambda v: v >= 10, "an integer >= 10", "built-in data: size of the server's held-out set")
@@ -74,7 +76,7 @@ class RunConfig:
     test_fraction: float = _setting(0.0, lambda v: 0 <= v < 0.5, "a number in [0, 0.5)", "simulated hospitals: share of a hospital's images held back as its local test set, never trained or validated on (benchmarks)")
     threshold: float = _setting(0.5, lambda v: 0 < v < 1, "a probability in (0, 1)", "decision threshold for sensitivity and specificity")
     target_sensitivity: float = _setting(0.8, lambda v: 0 < v < 1, "a number in (0, 1)", "sensitivity the operating point must reach, chosen on pooled validation")
-    min_histogram_images: int = _setting(20, lambda v: v >= 0, "an integer >= 0", "a site with fewer validation images sends counts but no histograms")
+    min_bin_images: int = _setting(5, lambda v: v >= 1, "an integer >= 1", "every non-empty score-histogram bin a hospital sends holds at least this many of its validation images (bins are merged until they do)")
     gradcam_images: int = _setting(96, lambda v: v >= 0, "an integer >= 0 (0: off)", "held-out images the Grad-CAM checks look at each round")
     gradcam_border_threshold: float = _setting(0.4, lambda v: 0 < v <= 1, "a number in (0, 1]", "border energy above which a hospital's held-out images raise a shortcut warning")
     shortcut_hospital: int = _setting(-1, lambda v: v >= -1, "a hospital index, or -1 for none", "simulated shortcut: a marker in one corner of this hospital's positive images")
@@ -205,171 +207,3 @@ def describe_settings() -> list[tuple[str, Any, str, str]]:
         (name, ",".join(f.default) if isinstance(f.default, tuple) else f.default, f.metadata["allowed"], f.metadata["doc"])
         for name, f in _FIELDS.items()
     ]
-
-
-LAYOUTS = ("folders", "manifest", "npz")
-
-
-@dataclass(frozen=True)
-class DicomSettings:
-    """How a site's DICOM pixel values become intensities in [0, 1]."""
-
-    rescale: bool = True  # apply Rescale Slope/Intercept (the modality LUT)
-    window: str | tuple[float, float] = "file"  # 'file' (the file's window centre/width), 'none' (min-max), or (centre, width)
-    invert_monochrome1: bool = True  # MONOCHROME1 stores bright as low values: invert, so bone is bright everywhere
-
-
-@dataclass(frozen=True)
-class Augmentation:
-    """Training-time augmentation; every option off (0 / false) unless the site file turns it on."""
-
-    rotation_degrees: float = 0.0  # up to +- this many degrees
-    zoom: float = 0.0  # up to +- this share
-    shift: float = 0.0  # up to +- this share of the width and height
-    contrast: float = 0.0  # contrast factor drawn from [1 - c, 1 + c]
-    noise: float = 0.0  # standard deviation of added Gaussian noise, in [0, 1] intensity units
-    horizontal_flip: bool = False  # off for chest X-rays: the heart is on the left (dextrocardia is a finding)
-
-    @property
-    def active(self) -> bool:
-        """True when any option is on."""
-        return any(getattr(self, f.name) for f in dataclasses.fields(self))
-
-
-@dataclass(frozen=True)
-class SiteConfig:
-    """One hospital's data, described by its IT staff in a YAML file (see deploy/sites/); paths are absolute."""
-
-    name: str
-    path: Path  # the YAML file itself, for messages
-    data_root: Path
-    layout: str  # one of LAYOUTS
-    labels: dict[str, str]  # run label -> the site's folder or column name
-    negative_folders: tuple[str, ...] = ()  # folders layout: folders whose images have no finding
-    manifest: Path | None = None  # manifest layout: the CSV file
-    image_column: str = "path"
-    patient_column: str = ""  # empty: no patient IDs (DICOM files still give theirs)
-    npz: Path | None = None  # npz layout: a MedMNIST-style file; its train and val arrays are the site's images
-    val_fraction: float = 0.2
-    seed: int = 0
-    dicom: DicomSettings = DicomSettings()
-    augmentation: Augmentation = Augmentation()
-    skip_unreadable: bool = False
-    gpu: int = 0  # which GPU to use where TensorFlow sees one
-    report_dir: Path | None = None  # where the site keeps its own report, skipped-file list and audit log
-
-
-_SITE_KEYS = {
-    "name", "data-root", "layout", "labels", "negative-folders", "manifest", "image-column", "patient-column", "npz",
-    "val-fraction", "seed", "dicom", "augmentation", "skip-unreadable", "gpu", "report-dir",
-}  # fmt: skip
-
-
-def _site_error(path: Path, key: str, problem: str) -> ConfigError:
-    """A ConfigError naming the site file and key."""
-    return ConfigError(f"site file {path}: '{key}': {problem}")
-
-
-def _typed(path: Path, section: dict, key: str, kind: type | tuple[type, ...], default: Any, prefix: str = "") -> Any:
-    """section[key] checked against kind (bools are not numbers), or default when absent."""
-    value = section.get(key, default)
-    numeric = kind in (int, float) or kind == (int, float)
-    if value is not default and (not isinstance(value, kind) or (numeric and isinstance(value, bool))):
-        raise _site_error(path, prefix + key, f"expected {getattr(kind, '__name__', 'a number')}, got {value!r}")
-    return value
-
-
-def _section(path: Path, raw: dict, key: str, cls: type) -> Any:
-    """A nested section (dicom, augmentation) as its dataclass, dashed keys checked."""
-    section = raw.get(key) or {}
-    if not isinstance(section, dict):
-        raise _site_error(path, key, f"expected a mapping, got {section!r}")
-    fields = {f.name.replace("_", "-"): f for f in dataclasses.fields(cls)}
-    unknown = sorted(set(section) - set(fields))
-    if unknown:
-        raise _site_error(path, key, f"unknown key(s) {', '.join(unknown)}; known: {', '.join(fields)}")
-    values = {}
-    for name, f in fields.items():
-        if name == "window":
-            window = section.get("window", "file")
-            if window in ("file", "none"):
-                values[f.name] = window
-            elif isinstance(window, list) and len(window) == 2 and all(isinstance(v, (int, float)) for v in window) and window[1] > 0:
-                values[f.name] = (float(window[0]), float(window[1]))
-            else:
-                raise _site_error(path, "dicom.window", f"expected 'file', 'none' or [centre, width > 0], got {window!r}")
-            continue
-        kind = bool if f.type in ("bool", bool) else (int, float)
-        value = _typed(path, section, name, kind, f.default, f"{key}.")
-        if kind != bool and not 0 <= value <= (180 if name == "rotation-degrees" else 1):
-            raise _site_error(path, f"{key}.{name}", f"{value!r} is out of range: expected 0 to {180 if name == 'rotation-degrees' else 1}")
-        values[f.name] = value
-    return cls(**values)
-
-
-def load_site_config(path: str | Path) -> SiteConfig:
-    """Read and check a site YAML file; relative paths resolve against the file's folder."""
-    import yaml
-
-    path = Path(path).resolve()
-    try:
-        raw = yaml.safe_load(path.read_text())
-    except OSError as exc:
-        raise ConfigError(f"site file {path}: cannot be read ({exc.strerror})") from exc
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"site file {path}: not valid YAML ({str(exc).splitlines()[0]})") from exc
-    if not isinstance(raw, dict):
-        raise ConfigError(f"site file {path}: expected a mapping of settings, got {type(raw).__name__}")
-    unknown = sorted(set(raw) - _SITE_KEYS)
-    if unknown:
-        raise ConfigError(f"site file {path}: unknown key(s) {', '.join(unknown)}; known keys: {', '.join(sorted(_SITE_KEYS))}")
-    for key in ("name", "data-root", "layout"):
-        if not raw.get(key):
-            raise _site_error(path, key, "missing; every site file names its site, its data root and its layout")
-    name = _typed(path, raw, "name", str, None)
-    if not name.replace("-", "").replace("_", "").isalnum():
-        raise _site_error(path, "name", f"{name!r}: use letters, digits, '-' and '_' only (it names folders)")
-    layout = raw["layout"]
-    if layout not in LAYOUTS:
-        raise _site_error(path, "layout", f"{layout!r}: expected one of {', '.join(LAYOUTS)}")
-    root = (path.parent / _typed(path, raw, "data-root", str, None)).resolve()
-    if not root.is_dir():
-        raise _site_error(path, "data-root", f"folder not found: {root}")
-    labels = raw.get("labels") or {}
-    if not isinstance(labels, dict) or not all(isinstance(k, str) and isinstance(v, (str, int)) for k, v in labels.items()):
-        raise _site_error(path, "labels", f"expected a mapping from the run's label names to this site's folder or column names, got {labels!r}")
-    negatives = raw.get("negative-folders") or []
-    if not isinstance(negatives, list) or not all(isinstance(v, str) for v in negatives):
-        raise _site_error(path, "negative-folders", f"expected a list of folder names, got {negatives!r}")
-    files = {}
-    for key, wanted in (("manifest", "manifest"), ("npz", "npz")):
-        if layout == wanted:
-            value = _typed(path, raw, key, str, "")
-            if not value:
-                raise _site_error(path, key, f"missing; layout '{layout}' reads its labels from this file")
-            files[key] = (root / value).resolve()
-            if not files[key].is_file():
-                raise _site_error(path, key, f"file not found: {files[key]}")
-    if layout == "folders" and not labels:
-        raise _site_error(path, "labels", "missing; the folders layout maps each run label to the folder of its images")
-    val_fraction = _typed(path, raw, "val-fraction", (int, float), 0.2)
-    if not 0 < val_fraction < 1:
-        raise _site_error(path, "val-fraction", f"{val_fraction!r} is out of range: expected a number in (0, 1)")
-    seed, gpu = _typed(path, raw, "seed", int, 0), _typed(path, raw, "gpu", int, 0)
-    report_dir = (path.parent / _typed(path, raw, "report-dir", str, f"reports/{name}")).resolve()
-    return SiteConfig(
-        name=name, path=path, data_root=root, layout=layout, labels={k: str(v) for k, v in labels.items()},
-        negative_folders=tuple(negatives), manifest=files.get("manifest"), npz=files.get("npz"),
-        image_column=_typed(path, raw, "image-column", str, "path"), patient_column=_typed(path, raw, "patient-column", str, ""),
-        val_fraction=float(val_fraction), seed=seed, dicom=_section(path, raw, "dicom", DicomSettings),
-        augmentation=_section(path, raw, "augmentation", Augmentation),
-        skip_unreadable=_typed(path, raw, "skip-unreadable", bool, False), gpu=gpu, report_dir=report_dir,
-    )  # fmt: skip
-
-
-def site_label_sources(site: SiteConfig, run_labels: tuple[str, ...]) -> dict[str, str]:
-    """Each run label's folder or column name at this site (the same name unless the site file maps it)."""
-    unknown = sorted(set(site.labels) - set(run_labels))
-    if unknown:
-        raise ConfigError(f"site file {site.path}: 'labels' maps {', '.join(map(repr, unknown))}, which the run does not have; the run's labels: {', '.join(run_labels)}")
-    return {label: site.labels.get(label, label) for label in run_labels}

@@ -17,8 +17,9 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from common.config import ConfigError, RunConfig, parse_overrides, parse_run_config, project_settings
-from common.data import ImageSet
+from common.config import RunConfig, parse_overrides, parse_run_config, project_settings
+from common.errors import ConfigError
+from common.image_set import ImageSet
 from common.partition import heldout_set, hospital_data
 
 NEGATIVE_FOLDER = "no_finding"

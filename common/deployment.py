@@ -8,7 +8,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from common.config import load_site_config
+from common.site_file import load_site_config
 from common.tls import DeploymentError, check_node_key, check_server_files, load_certificate, probe_superlink
 
 BIN = Path(sys.executable).parent

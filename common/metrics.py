@@ -1,9 +1,9 @@
 """Confusion counts, score histograms, and every figure computed from them.
 
-A site sends, per label, histograms of its logits for positives and for negatives over bins fixed for the run, and
-its confusion counts at the run's threshold. Summed over sites they give the pooled ROC curve and AUC (exact up to
-the bin width, ties inside a bin counted as half) and sensitivity and specificity at any bin edge. The server's
-held-out figures go through this same code.
+Scores are binned, per label, into histograms of logits for positives and for negatives over bins fixed for the run
+(uniform in logit, one edge exactly at the run's threshold). Histograms give the ROC curve and AUC (exact up to the
+bin width, ties inside a bin counted as half) and sensitivity and specificity at any bin edge. The hospitals send
+coarser versions of theirs (common/bin_floor.py); the pooled, per-site and held-out figures all go through this code.
 """
 
 from __future__ import annotations
@@ -16,14 +16,22 @@ LOGIT_RANGE = 16.0  # inner bin edges span [-16, 16] in logits: resolution stays
 TP, FP, TN, FN = range(4)  # column order of a (n_labels, 4) confusion-count array
 
 
-def bin_edges(n_bins: int) -> np.ndarray:
-    """The n_bins - 1 inner edges (logits) of the run's histogram bins; the outermost bins are open-ended."""
-    return np.linspace(-LOGIT_RANGE, LOGIT_RANGE, n_bins - 1)
+def threshold_edge(n_bins: int, threshold: float = 0.5) -> int:
+    """Which inner edge of the run's bins lies at the run's threshold (calling positive there means bins above it)."""
+    step = 2 * LOGIT_RANGE / (n_bins - 2)
+    return int(np.clip(round((float(to_logit(threshold)) + LOGIT_RANGE) / step), 0, n_bins - 2))
 
 
-def score_histograms(logits: np.ndarray, labels: np.ndarray, n_bins: int) -> tuple[np.ndarray, np.ndarray]:
+def bin_edges(n_bins: int, threshold: float = 0.5) -> np.ndarray:
+    """The n_bins - 1 inner edges (logits) of the run's histogram bins, evenly spaced over about [-16, 16] with one
+    exactly at the run's threshold (at 0.5: linspace(-16, 16)); the outermost bins are open-ended."""
+    step = 2 * LOGIT_RANGE / (n_bins - 2)
+    return float(to_logit(threshold)) + step * (np.arange(n_bins - 1) - threshold_edge(n_bins, threshold))
+
+
+def score_histograms(logits: np.ndarray, labels: np.ndarray, n_bins: int, threshold: float = 0.5) -> tuple[np.ndarray, np.ndarray]:
     """Per-label histograms (n_labels, n_bins) int64 of logits (n, n_labels) for positives and for negatives."""
-    bins = np.searchsorted(bin_edges(n_bins), logits, side="right")  # (n, n_labels), bin b holds edges[b-1] <= z < edges[b]
+    bins = np.searchsorted(bin_edges(n_bins, threshold), logits, side="right")  # (n, n_labels), bin b holds edges[b-1] <= z < edges[b]
     n_labels = logits.shape[1]
     pos = np.zeros((n_labels, n_bins), np.int64)
     neg = np.zeros((n_labels, n_bins), np.int64)
@@ -58,7 +66,7 @@ def confusion_counts(logits: np.ndarray, labels: np.ndarray, threshold: float | 
 
 def statistics(logits: np.ndarray, labels: np.ndarray, threshold: float, n_bins: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """What a site reports about its scores: confusion counts (n_labels, 4) and positive and negative histograms."""
-    return (confusion_counts(logits, labels, threshold), *score_histograms(logits, labels, n_bins))
+    return (confusion_counts(logits, labels, threshold), *score_histograms(logits, labels, n_bins, threshold))
 
 
 def _ratio(numerator: float, denominator: float) -> float:
@@ -94,6 +102,25 @@ def edge_for_sensitivity(pos: np.ndarray, target: float) -> int | None:
 def rates_at_edge(pos: np.ndarray, neg: np.ndarray, edge: int) -> tuple[float, float]:
     """(sensitivity, specificity) when calling positive at logits >= bin_edges[edge]; exact from the histograms."""
     return _ratio(pos[edge + 1 :].sum(), pos.sum()), _ratio(neg[: edge + 1].sum(), neg.sum())
+
+
+def counts_at_edge(pos: np.ndarray, neg: np.ndarray, edge: int) -> np.ndarray:
+    """Confusion counts (n_labels, 4) in TP, FP, TN, FN order from histograms (n_labels, n_bins), calling positive above an edge."""
+    return np.stack([pos[:, edge + 1 :].sum(1), neg[:, edge + 1 :].sum(1), neg[:, : edge + 1].sum(1), pos[:, : edge + 1].sum(1)], axis=1)
+
+
+def log_loss_from_histograms(pos: np.ndarray, neg: np.ndarray, threshold: float = 0.5) -> float:
+    """Mean binary cross-entropy over labels, each image scored at its bin's middle logit (the open-ended outer bins at
+    half a bin beyond the last edge); defined wherever there is an image, unlike the AUC."""
+    edges = bin_edges(pos.shape[1], threshold)
+    step = edges[1] - edges[0]
+    middles = np.concatenate([[edges[0] - step / 2], (edges[:-1] + edges[1:]) / 2, [edges[-1] + step / 2]])  # (n_bins,)
+    losses = []
+    for p, n in zip(pos, neg):
+        total = p.sum() + n.sum()
+        if total:
+            losses.append(float((p * np.logaddexp(0.0, -middles) + n * np.logaddexp(0.0, middles)).sum() / total))
+    return float(np.mean(losses)) if losses else float("nan")
 
 
 def sensitivity(counts: np.ndarray) -> float:
@@ -169,14 +196,16 @@ def figures(counts: np.ndarray, pos: np.ndarray | None, neg: np.ndarray | None, 
     )
 
 
-def operating_point(pos: np.ndarray, neg: np.ndarray, target: float, labels: tuple[str, ...]) -> tuple[np.ndarray, dict[str, float]]:
+def operating_point(
+    pos: np.ndarray, neg: np.ndarray, target: float, labels: tuple[str, ...], threshold: float = 0.5
+) -> tuple[np.ndarray, dict[str, float]]:
     """Per label, the threshold reaching the target sensitivity on pooled histograms, and the specificity there.
 
     Returns the thresholds (n_labels,) as probabilities (NaN where a label has no positives) and the figures
     'threshold_at_target_sensitivity' and 'specificity_at_target_sensitivity', per label as '__<label>' when several
     (the unsuffixed specificity is then the macro average).
     """
-    edges = bin_edges(pos.shape[1])
+    edges = bin_edges(pos.shape[1], threshold)
     thresholds, specs = [], []
     for j in range(len(labels)):
         edge = edge_for_sensitivity(pos[j], target)

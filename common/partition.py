@@ -7,8 +7,11 @@ from dataclasses import dataclass
 import numpy as np
 
 from common import synthetic
-from common.config import ConfigError, RunConfig
-from common.data import ImageSet, load_npz_split, stratified_split, to_model_input
+from common.config import RunConfig
+from common.errors import ConfigError
+from common.image_set import ImageSet, load_npz_split, no_boxes, unknown_sources
+from common.images import to_model_input
+from common.splits import stratified_split
 
 MIN_IMAGES_PER_HOSPITAL = 10
 # On the built-in data the shortcut hospital's positives also show their finding at 40 % of the pinned contrast, as
@@ -26,6 +29,11 @@ class Scanner:
     contrast: float = 1.0
     brightness: float = 0.0
     noise_std: float = 0.0
+
+
+def hospital_name(hospital: int) -> str:
+    """The name a simulated hospital goes by in every report."""
+    return f"hospital-{hospital}"
 
 
 def scanner_for(hospital: int, seed: int, spread: float) -> Scanner:
@@ -116,9 +124,9 @@ def _pool_images(cfg: RunConfig, rows: np.ndarray, labels: np.ndarray, hospital:
     if cfg.data_path is None:
         fade = _finding_fade(labels[rows], np.full(len(rows), hospital), cfg)
         images, boxes = synthetic.make_images(cfg.seed, rows, labels[rows], cfg.image_size, cfg.labels, fade)
-        return to_model_input(images, cfg.image_size, cfg.channels), boxes
+        return to_model_input(images, cfg.image_size, cfg.channels, cfg.image_fit), boxes
     images = np.concatenate([load_npz_split(cfg.data_path, split, len(cfg.labels))[0] for split in ("train", "val")])
-    return to_model_input(images[rows], cfg.image_size, cfg.channels), np.full((len(rows), len(cfg.labels), 4), np.nan, np.float32)
+    return to_model_input(images[rows], cfg.image_size, cfg.channels, cfg.image_fit), no_boxes(len(rows), len(cfg.labels))
 
 
 def _hospital_images(cfg: RunConfig, hospital: int) -> ImageSet:
@@ -129,9 +137,8 @@ def _hospital_images(cfg: RunConfig, hospital: int) -> ImageSet:
     rows = np.flatnonzero(assign_hospitals(labels, cfg) == hospital)
     images, boxes = _pool_images(cfg, rows, labels, hospital)
     images = apply_scanner(images, scanner_for(hospital, cfg.seed, cfg.scanner_spread), np.random.default_rng([cfg.seed, 0x1A6E, hospital]))
-    source = np.full(len(rows), hospital, np.int16)
-    _mark_shortcut(images, labels[rows], source, cfg)
-    return ImageSet(images, labels[rows], boxes, source)
+    _mark_shortcut(images, labels[rows], np.full(len(rows), hospital), cfg)
+    return ImageSet(images, labels[rows], boxes, np.full(len(rows), hospital_name(hospital), dtype=object))
 
 
 def _test_split(labels: np.ndarray, cfg: RunConfig, hospital: int) -> tuple[np.ndarray, np.ndarray]:
@@ -160,18 +167,17 @@ def heldout_set(cfg: RunConfig) -> ImageSet:
     if cfg.data_path is not None:
         images, labels = load_npz_split(cfg.data_path, "test", len(cfg.labels))
         n = len(images)
-        boxes = np.full((n, len(cfg.labels), 4), np.nan, np.float32)
-        return ImageSet(to_model_input(images, cfg.image_size, cfg.channels), labels, boxes, np.full(n, -1, np.int16))
+        return ImageSet(to_model_input(images, cfg.image_size, cfg.channels, cfg.image_fit), labels, no_boxes(n, len(cfg.labels)), unknown_sources(n))
     check_builtin_labels(cfg)
     seed = cfg.seed + HELDOUT_SEED_OFFSET
     labels = synthetic.sample_labels(seed, cfg.heldout_images, cfg.prevalence, len(cfg.labels))
-    source = (np.arange(cfg.heldout_images) % cfg.num_hospitals).astype(np.int16)
+    source = np.arange(cfg.heldout_images) % cfg.num_hospitals
     fade = _finding_fade(labels, source, cfg)
     images, boxes = synthetic.make_images(seed, np.arange(cfg.heldout_images), labels, cfg.image_size, cfg.labels, fade)
-    images = to_model_input(images, cfg.image_size, cfg.channels)
+    images = to_model_input(images, cfg.image_size, cfg.channels, cfg.image_fit)
     for hospital in range(cfg.num_hospitals):
         rows = source == hospital
         rng = np.random.default_rng([seed, 0x1A6E, hospital])
         images[rows] = apply_scanner(images[rows], scanner_for(hospital, cfg.seed, cfg.scanner_spread), rng)
     _mark_shortcut(images, labels, source, cfg)
-    return ImageSet(images, labels, boxes, source)
+    return ImageSet(images, labels, boxes, np.array([hospital_name(h) for h in source], dtype=object))

@@ -7,9 +7,11 @@ import numpy as np
 import tensorflow as tf
 import keras
 
-from common.config import Augmentation, DicomSettings, RunConfig
-from common.data import ImageSet, read_image
-from common.site_data import SiteFiles
+from common.config import RunConfig
+from common.image_set import ImageSet
+from common.images import fit_square, read_image
+from common.site_file import Augmentation, DicomSettings
+from common.site_index import SiteFiles
 
 CACHE_BYTES = 1 << 30  # decoded images up to 1 GiB stay in memory after the first epoch; larger sites stream every epoch
 SHUFFLE_BUFFER = 10_000
@@ -38,7 +40,7 @@ def augmenter(augmentation: Augmentation, seed: int) -> keras.Sequential | None:
     return keras.Sequential(layers, name="augmentation")
 
 
-def _decoder(cfg: RunConfig, dicom: DicomSettings):
+def _decoder(cfg: RunConfig, dicom: DicomSettings, fit: str):
     """A tf.data map from (path, labels) to (image (s, s, c) float32 in [0, 1], labels), decoding in Python threads."""
     size, channels = cfg.image_size, cfg.channels
 
@@ -48,7 +50,7 @@ def _decoder(cfg: RunConfig, dicom: DicomSettings):
     def decode(path: tf.Tensor, labels: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
         image = tf.py_function(read, [path], tf.float32)
         image.set_shape([None, None, channels])  # (h, w, c): sizes differ from file to file
-        image = tf.image.resize(image, (size, size), method="bilinear", antialias=True)  # (s, s, c)
+        image = fit_square(image, size, fit)  # (s, s, c)
         return tf.clip_by_value(image, 0.0, 1.0), labels
 
     return decode
@@ -56,15 +58,16 @@ def _decoder(cfg: RunConfig, dicom: DicomSettings):
 
 def dataset(
     data: SiteFiles | ImageSet, cfg: RunConfig, *, training: bool, seed: int = 0,
-    augmentation: Augmentation = Augmentation(), dicom: DicomSettings = DicomSettings(),
+    augmentation: Augmentation = Augmentation(), dicom: DicomSettings = DicomSettings(), fit: str = "pad",
 ) -> tf.data.Dataset:  # fmt: skip
-    """Batches of (images (b, s, s, c), labels (b, n_labels) float32): shuffled and augmented when training, in order otherwise."""
+    """Batches of (images (b, s, s, c), labels (b, n_labels) float32): shuffled and augmented when training, in order
+    otherwise; files are decoded and fitted to the square input as `fit` says (in-memory images are fitted already)."""
     labels = data.labels.astype(np.float32)
     if isinstance(data, ImageSet):
         ds = tf.data.Dataset.from_tensor_slices((data.images, labels))
     else:
         ds = tf.data.Dataset.from_tensor_slices((data.paths.astype(str), labels))
-        ds = ds.map(_decoder(cfg, dicom), num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+        ds = ds.map(_decoder(cfg, dicom, fit), num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
         if len(data) * cfg.image_size**2 * cfg.channels * 4 <= CACHE_BYTES:
             ds = ds.cache()
     if training:

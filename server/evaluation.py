@@ -8,7 +8,7 @@ import keras
 import numpy as np
 
 from common.config import RunConfig
-from common.data import ImageSet
+from common.image_set import ImageSet
 from common.gradcam import border_energy, energy_in_boxes, grid_cell, gradcam, pointing_hits, rank_correlation
 from common.metrics import (
     brier_score, clinical_figures, confusion_counts, delong_ci, figures, per_label, statistics, to_logit, to_probability,
@@ -30,6 +30,7 @@ def evaluate_heldout(model: keras.Model, heldout: ImageSet, cfg: RunConfig, thre
     logits = model.predict(heldout.images, batch_size=256, verbose=0)  # (n, n_labels)
     labels, names = heldout.labels, cfg.labels
     row = figures(*statistics(logits, labels, cfg.threshold, cfg.histogram_bins), names)
+    row["n"] = len(labels)
     cis = [delong_ci(logits[:, j], labels[:, j]) for j in range(len(names))]
     row |= per_label("auc_ci_low", [c[1] for c in cis], names) | per_label("auc_ci_high", [c[2] for c in cis], names)
     probabilities = to_probability(logits)
@@ -43,13 +44,20 @@ def evaluate_heldout(model: keras.Model, heldout: ImageSet, cfg: RunConfig, thre
     return HeldoutResult({f"heldout_{k}": v for k, v in row.items()}, logits, counts)
 
 
+CASES = ("true positive", "false negative", "false positive")
+BY_SOURCE = "border_energy_from__"  # + a source hospital's name: the border energy of its held-out images
+SHOWN_PER_CASE = 4  # overlays per kind of case in a round's grid
+
+
 @dataclass(frozen=True)
 class GradcamResult:
     """One round's Grad-CAM check on the fixed held-out sample."""
 
     row: dict[str, float | str]  # history.csv columns, prefixed 'gradcam_'
     heat: np.ndarray  # (n_labels, n, H, W) heatmaps, for drift next round and for the pictures
-    cases: list[tuple[int, str]]  # (sample row, 'true positive' | 'false negative' | 'false positive') for the overlays, label 0
+    cases: list[tuple[int, str]]  # (sample row, one of CASES) for the overlays of label 0, SHOWN_PER_CASE of each at most
+    called_at: np.ndarray  # (n_labels,) the probability each label's images were called positive at
+    found: dict[str, int]  # how many of each kind of case the sample holds (label 0), shown or not
 
 
 def gradcam_sample(heldout: ImageSet, cfg: RunConfig) -> np.ndarray:
@@ -61,18 +69,20 @@ def gradcam_sample(heldout: ImageSet, cfg: RunConfig) -> np.ndarray:
 def gradcam_check(
     model: keras.Model, sample: ImageSet, logits: np.ndarray, thresholds: np.ndarray, cfg: RunConfig, previous: np.ndarray | None
 ) -> GradcamResult:
-    """Where the model looks, per label: pointing-game hit rate and energy inside the box on true positives (where boxes
-    are known); energy in the border, overall and per source hospital, on the images the model calls positive (where
-    it says it sees the finding; a negative's map shows no evidence, only noise); drift since last round; all-zero maps."""
+    """Where the model looks, per label: pointing-game hit rate and energy inside the box on the true positives whose
+    box is known; energy in the border, overall and per source hospital where the held-out set knows it, on the images
+    the model calls positive (where it says it sees the finding; a negative's map shows no evidence, only noise); drift
+    since last round; all-zero maps. gradcam_true_positives counts every true positive of the sample, boxed or not."""
     names = cfg.labels
     heat = np.stack([gradcam(model, sample.images, j) for j in range(len(names))])  # (n_labels, n, H, W)
     tolerance = grid_cell(model)
     called = logits >= to_logit(thresholds)  # (n, n_labels)
-    pointing, in_box, border, drift, zero, n_tp = [], [], [], [], [], []
+    pointing, in_box, border, drift, zero, n_tp, n_boxed = [], [], [], [], [], [], []
     for j in range(len(names)):
         truth = sample.labels[:, j] == 1
+        n_tp.append(int((truth & called[:, j]).sum()))
         tp = truth & called[:, j] & ~np.isnan(sample.boxes[:, j, 0])
-        n_tp.append(int(tp.sum()))
+        n_boxed.append(int(tp.sum()))
         pointing.append(float(pointing_hits(heat[j][tp], sample.boxes[tp, j], tolerance).mean()) if tp.any() else float("nan"))
         in_box.append(float(energy_in_boxes(heat[j][tp], sample.boxes[tp, j]).mean()) if tp.any() else float("nan"))
         border.append(np.where(called[:, j], border_energy(heat[j]), np.nan))  # (n,)
@@ -83,14 +93,16 @@ def gradcam_check(
         per_label("pointing", pointing, names) | per_label("energy_in_box", in_box, names)
         | per_label("border_energy", [float(_mean_defined(b, axis=0)) for b in border], names)
         | per_label("drift", drift, names)
-        | {"zero_maps": sum(zero), "true_positives": sum(n_tp), "tolerance_px": tolerance}
+        | {"zero_maps": sum(zero), "true_positives": sum(n_tp), "boxed_true_positives": sum(n_boxed), "tolerance_px": tolerance,
+           "called_positive": int(called.any(axis=1).sum())}
     )  # fmt: skip
-    for source in sorted(set(sample.source.tolist()) - {-1}):
-        row[f"border_energy__hospital-{source}"] = float(_mean_defined(per_image_border[sample.source == source], axis=0))
+    for source in sorted(set(sample.source.tolist()) - {""}):
+        row[f"{BY_SOURCE}{source}"] = float(_mean_defined(per_image_border[sample.source == source], axis=0))
     truth0, called0 = sample.labels[:, 0] == 1, called[:, 0]
-    cases = [(int(i), kind) for kind, mask in (("true positive", truth0 & called0), ("false negative", truth0 & ~called0),
-             ("false positive", ~truth0 & called0)) for i in np.flatnonzero(mask)[:4]]  # fmt: skip
-    return GradcamResult({f"gradcam_{k}": v for k, v in row.items()}, heat, cases)
+    masks = dict(zip(CASES, (truth0 & called0, truth0 & ~called0, ~truth0 & called0)))
+    cases = [(int(i), kind) for kind, mask in masks.items() for i in np.flatnonzero(mask)[:SHOWN_PER_CASE]]
+    found = {kind: int(mask.sum()) for kind, mask in masks.items()}
+    return GradcamResult({f"gradcam_{k}": v for k, v in row.items()}, heat, cases, np.asarray(thresholds, np.float64), found)
 
 
 def _mean_defined(values: np.ndarray, axis: int) -> np.ndarray:
@@ -101,16 +113,20 @@ def _mean_defined(values: np.ndarray, axis: int) -> np.ndarray:
 
 
 def gradcam_warning(row: dict, previous: dict | None, cfg: RunConfig) -> str:
-    """The round's shortcut warning, or '': AUC rose while localisation fell by more than 0.1, or a hospital's held-out
-    images drew more than gradcam-border-threshold of the heatmap energy into the border."""
+    """The round's shortcut warning, or '': AUC rose while localisation fell by more than 0.1, or the held-out images
+    the model calls positive drew more than gradcam-border-threshold of the heatmap energy into the border, overall or
+    at one source hospital (named)."""
     reasons = []
     if previous is not None and row.get("global_auc", np.nan) > previous.get("global_auc", np.nan):
         for name in ("pointing", "energy_in_box"):
             now, before = row.get(f"gradcam_{name}", np.nan), previous.get(f"gradcam_{name}", np.nan)
             if now < before - 0.1:
                 reasons.append(f"pooled AUC rose while {name.replace('_', ' ')} fell from {before:.2f} to {now:.2f}")
+    limit = cfg.gradcam_border_threshold
+    overall = row.get("gradcam_border_energy", np.nan)
+    if overall > limit:
+        reasons.append(f"held-out images called positive: {overall:.2f} of the heatmap energy in the image border (threshold {limit:g})")
     for key, value in row.items():
-        if key.startswith("gradcam_border_energy__hospital-") and value > cfg.gradcam_border_threshold:
-            hospital = key.split("__", 1)[1]
-            reasons.append(f"{hospital}: {value:.2f} of the heatmap energy in the image border (threshold {cfg.gradcam_border_threshold:g})")
+        if key.startswith(f"gradcam_{BY_SOURCE}") and value > limit:
+            reasons.append(f"{key.split('__', 1)[1]}: {value:.2f} of the heatmap energy in the image border (threshold {limit:g})")
     return "; ".join(reasons)

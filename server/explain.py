@@ -1,9 +1,12 @@
-"""Grad-CAM overlays and predictions for any saved global model and any folder of PNG/JPEG images.
+"""Grad-CAM pictures and predictions for any saved global model and any folder of image files (PNG, JPEG or DICOM,
+recognised by content; sub-folders included).
 
     .venv/bin/python -m server.explain runs/<run-id>/model_best.keras path/to/images --out explained/ [--sanity]
 
-Writes one overlay per image and label (<image>__<label>.png) and predictions.csv (one row per image: its
-probability for each label, or why it could not be read). The label names come from the config.json beside the model.
+Writes one picture per image and label (<image>__<label>.png: the heatmap over the image, its colour scale, the
+probability and the call at the threshold) and predictions.csv: one row per file found, in the same columns every
+time (file, status, the probability of each label, the call at the threshold, and why a file was not explained).
+The label names and the threshold come from the config.json beside the model (the run's `threshold`), or --threshold.
 """
 
 from __future__ import annotations
@@ -16,87 +19,98 @@ from pathlib import Path
 import keras
 import numpy as np
 import pandas as pd
-from PIL import Image, UnidentifiedImageError
 
+from common.errors import DataError, NotAnImage
 from common.gradcam import gradcam, randomisation_test
+from common.images import read_image, to_model_input
 from common.metrics import to_probability
-from server.plots import overlay
+from common.site_index import _visible_files
+from server.plots import describe_call, explained_picture
+from server.recorders.progress import sanity_verdict
 
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg"}
-
-
-def read_image(path: Path, size: tuple[int, int], channels: int) -> np.ndarray:
-    """A PNG/JPEG of any mode (L, RGB, RGBA, P, 16-bit) as float32 (h, w, channels) in [0, 1] at the model's size."""
-    with Image.open(path) as img:
-        if img.mode in ("I;16", "I;16B", "I"):
-            values = np.asarray(img, np.float32) / (65535.0 if img.mode != "I" else max(float(np.asarray(img).max()), 1.0))
-            img = Image.fromarray((np.clip(values, 0, 1) * 255).astype(np.uint8))
-        img = img.convert("L" if channels == 1 else "RGB").resize((size[1], size[0]), Image.BILINEAR)
-        array = np.asarray(img, np.float32) / 255.0
-    return array[..., None] if channels == 1 else array
+EXPLAINED, NOT_AN_IMAGE, UNREADABLE = "explained", "not an image", "unreadable"
 
 
-def label_names(model_path: Path, n_labels: int) -> list[str]:
-    """The run's label names from the config.json beside the model, else label_0, label_1, ..."""
+def run_settings(model_path: Path, n_labels: int) -> tuple[list[str], float, str]:
+    """The run's label names, threshold and image fit from the config.json beside the model, else label_0, ..., 0.5, pad."""
     config = model_path.parent / "config.json"
-    if config.is_file():
-        names = json.loads(config.read_text()).get("labels", "").split(",")
-        if len(names) == n_labels:
-            return names
-    return [f"label_{j}" for j in range(n_labels)]
+    settings = json.loads(config.read_text()) if config.is_file() else {}
+    names = str(settings.get("labels", "")).split(",")
+    if len(names) != n_labels:
+        names = [f"label_{j}" for j in range(n_labels)]
+    return names, float(settings.get("threshold", 0.5)), str(settings.get("image-fit", "pad"))
 
 
-def explain(model_path: Path, folder: Path, out: Path, sanity: bool) -> pd.DataFrame:
-    """Overlays and predictions for every image in the folder; unreadable files are listed with the reason, not dropped."""
+def explain(model_path: Path, folder: Path, out: Path, sanity: bool, threshold: float | None = None) -> pd.DataFrame:
+    """Pictures and predictions for every file under the folder; a file that is not an image or does not read is
+    listed with the reason, never dropped."""
     model = keras.models.load_model(model_path, compile=False)
-    height, width, channels = model.input_shape[1:]
-    names = label_names(model_path, model.output_shape[-1])
-    files = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+    size, channels = model.input_shape[1], model.input_shape[3]
+    names, run_threshold, fit = run_settings(model_path, model.output_shape[-1])
+    threshold = run_threshold if threshold is None else threshold
+    files = _visible_files(folder)
     if not files:
-        raise ValueError(f"{folder}: no .png, .jpg or .jpeg files")
-    out.mkdir(parents=True, exist_ok=True)
+        raise ValueError(f"{folder}: no files")
+    columns = ["file", "status"] + [f"p_{n}" for n in names] + [f"called_{n}" for n in names] + ["reason"]
     rows, images, readable = [], [], []
     for path in files:
+        name = str(path.relative_to(folder))
         try:
-            images.append(read_image(path, (height, width), channels))
-            readable.append(path)
-        except (UnidentifiedImageError, OSError, ValueError) as exc:
-            rows.append({"file": path.name, "error": f"unreadable: {exc}"})
+            pixels = read_image(path, channels)[0]
+        except NotAnImage as exc:
+            rows.append({"file": name, "status": NOT_AN_IMAGE, "reason": str(exc).removeprefix(f"{path}: ")})
+            continue
+        except DataError as exc:
+            rows.append({"file": name, "status": UNREADABLE, "reason": str(exc).removeprefix(f"{path}: ")})
+            continue
+        images.append(to_model_input(pixels[None], size, channels, fit)[0])
+        readable.append(name)
     if images:
+        out.mkdir(parents=True, exist_ok=True)
         batch = np.stack(images)  # (n, h, w, c)
         probabilities = to_probability(model.predict(batch, verbose=0))  # (n, n_labels)
-        for j, name in enumerate(names):
+        for j, label in enumerate(names):
             heat = gradcam(model, batch, j)  # (n, h, w)
-            for i, path in enumerate(readable):
-                overlay(batch[i], heat[i], None).save(out / f"{path.stem}__{name}.png")
-        rows += [{"file": p.name, **{f"p_{n}": float(v) for n, v in zip(names, probabilities[i])}, "error": ""} for i, p in enumerate(readable)]
+            for i, name in enumerate(readable):
+                call = "called positive" if probabilities[i, j] >= threshold else "called negative"
+                caption = f"{name}\n{label}: {describe_call(probabilities[i, j], threshold)}: {call}"
+                explained_picture(out / f"{Path(name).with_suffix('').as_posix().replace('/', '__')}__{label}.png", batch[i], heat[i], caption)
+        for i, name in enumerate(readable):
+            calls = {f"called_{n}": bool(probabilities[i, j] >= threshold) for j, n in enumerate(names)}
+            rows.append({"file": name, "status": EXPLAINED, **{f"p_{n}": float(v) for n, v in zip(names, probabilities[i])}, **calls, "reason": ""})
         if sanity:
-            for j, name in enumerate(names):
-                for stage, r in randomisation_test(model, batch, j):
-                    print(f"randomisation test {name}: randomised down to {stage:<16} Spearman {r:+.2f}")
-    table = pd.DataFrame(rows)
+            for j, label in enumerate(names):
+                stages = randomisation_test(model, batch, j)
+                for stage, r in stages:
+                    print(f"randomisation test {label}: randomised down to {stage:<16} Spearman {r:+.2f}")
+                print(sanity_verdict(label, stages[-1][1]))
+    out.mkdir(parents=True, exist_ok=True)
+    table = pd.DataFrame(rows, columns=columns).sort_values("file", kind="stable")
     table.to_csv(out / "predictions.csv", index=False, float_format="%.4f")
     return table
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Command line: exit 0 when every image was explained, 1 when some could not be read, 2 on bad arguments."""
+    """Command line: exit 0 when every image was explained, 1 when some files were left out, 2 on bad arguments."""
     parser = argparse.ArgumentParser(prog="python -m server.explain", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("model", type=Path, help="a saved global model (.keras)")
-    parser.add_argument("images", type=Path, help="a folder of PNG/JPEG images")
-    parser.add_argument("--out", type=Path, default=Path("explained"), help="where overlays and predictions.csv go")
+    parser.add_argument("images", type=Path, help="a folder of image files (PNG, JPEG, DICOM; sub-folders too)")
+    parser.add_argument("--out", type=Path, default=Path("explained"), help="where pictures and predictions.csv go")
+    parser.add_argument("--threshold", type=float, help="the probability at which an image is called positive (default: the run's)")
     parser.add_argument("--sanity", action="store_true", help="also run the randomisation sanity test on these images")
     args = parser.parse_args(argv)
+    if args.threshold is not None and not 0 < args.threshold < 1:
+        parser.error(f"--threshold {args.threshold}: expected a probability in (0, 1)")
     try:
-        table = explain(args.model, args.images, args.out, args.sanity)
+        table = explain(args.model, args.images, args.out, args.sanity, args.threshold)
     except (ValueError, OSError) as exc:
         print(f"explain: error: {exc}", file=sys.stderr)
         return 2
-    failed = table[table["error"].astype(bool)]
-    for _, row in failed.iterrows():
-        print(f"explain: {row['file']}: {row['error']}", file=sys.stderr)
-    print(f"explain: {len(table) - len(failed)} image(s) explained, {len(failed)} unreadable; results in {args.out}")
-    return 1 if len(failed) else 0
+    left = table[table["status"] != EXPLAINED]
+    for _, row in left.iterrows():
+        print(f"explain: {row['file']}: {row['status']}: {row['reason']}", file=sys.stderr)
+    print(f"explain: {len(table) - len(left)} image(s) explained, {len(left)} file(s) left out (listed above); results in {args.out}")
+    return 1 if len(left) else 0
 
 
 if __name__ == "__main__":

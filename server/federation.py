@@ -1,60 +1,189 @@
-"""The federation's rounds: train, validate, check the held-out set and where the model looks, record everything."""
+"""The federation's rounds: the held-out overlap check, round 0 (the initial model), then train, validate and check the
+held-out set and where the model looks, round by round, handing each round's report to the recorders (server/rounds.py).
+
+A run stops, and fails, when a round has fewer valid training updates than min-hospitals: no more rounds on a model
+nobody trained. Whatever ends the run, the recorders hear how (status.json says it), and a failed run raises so that
+Flower marks it failed too.
+"""
 
 from __future__ import annotations
 
 import contextlib
-import math
-import shutil
 import time
-from collections.abc import Iterable, Iterator
-from pathlib import Path
+from collections.abc import Iterator
+from dataclasses import dataclass, field
 
 import keras
 import numpy as np
-import pandas as pd
-from flwr.app import ArrayRecord, ConfigRecord, Message
+from flwr.app import ArrayRecord, ConfigRecord
 from flwr.serverapp import Grid
 
 from common import wire
 from common.config import RunConfig
 from common.gradcam import randomisation_test
-from common.metrics import to_probability
+from common.image_set import ImageSet
 from common.model import build_model, load_initial_weights
 from common.site_data import server_heldout
 from server.evaluation import evaluate_heldout, gradcam_check, gradcam_sample, gradcam_warning
-from server.history import fmt, run_folder, save_model, write_tables
-from server.plots import plot_round, save_gradcam_pictures
+from server.messaging import send_and_receive
+from server.overlap import check_overlap
+from server.recorders import default_recorders
+from server.rounds import Outcome, Recorder, RoundReport, RunInfo, record_round
+from server.run_folder import FAILED, FINISHED, make_run_folder
+from server.selection import Selection, judge
 from server.strategy import HospitalFedAvg
 
 
-def say(text: str) -> None:
-    """One line of progress for the operator (streamed by `flwr run --stream`)."""
-    print(f"[fedimaging] {text}", flush=True)
+class RunAborted(RuntimeError):
+    """The run stopped before its last round for a reason of its own (status.json says which)."""
 
 
-def _eta(seconds: list[float], remaining: int) -> str:
-    """Remaining time from the mean round so far, as '1m30s'."""
-    left = int(round(sum(seconds) / len(seconds) * remaining)) if seconds else 0
-    return f"{left // 60}m{left % 60:02d}s"
+@dataclass
+class _State:
+    """What the round loop carries from round to round."""
+
+    best: Selection | None = None
+    best_round: int | None = None
+    stale: int = 0  # rounds since the best
+    heat: np.ndarray | None = None  # last round's heatmaps, for drift
+    durations: list[float] = field(default_factory=list)
+    rows: list[dict] = field(default_factory=list)
 
 
-def send_and_receive(grid: Grid, messages: Iterable[Message], timeout: float, poll: float) -> list[Message]:
-    """Push the messages, then pull their replies every `poll` seconds until all are in or the timeout passes.
+def run_federation(grid: Grid, cfg: RunConfig) -> None:
+    """Run every round and record it; raise RunAborted (after recording why) when the run cannot go on."""
+    folder = make_run_folder(cfg)
+    recorders = default_recorders(folder)
+    keras.utils.set_random_seed(cfg.seed)
+    for recorder in recorders:
+        recorder.start(RunInfo(cfg, folder))
+    state = _State()
+    try:
+        outcome = _rounds(grid, cfg, folder, recorders, state)
+    except Exception as exc:
+        reason = f"the server stopped: {type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"
+        _finish(recorders, Outcome(FAILED, reason, len(state.rows) - 1, state.best_round, state.best, state.rows[-1] if state.rows else {}))
+        raise
+    _finish(recorders, outcome)
+    if outcome.status == FAILED:
+        raise RunAborted(outcome.reason)
 
-    Flower's own Grid.send_and_receive waits 3 s between pulls from a deployed SuperLink, so each phase of a round
-    lost 1.5 s on average; this uses the same public calls (push_messages, pull_messages) at the run's pace
-    (reply-poll-seconds, 0.1 s by default as Flower's simulation grid polls).
-    """
-    pending = set(grid.push_messages(messages))
-    deadline = time.monotonic() + timeout
-    replies: list[Message] = []
-    while pending and time.monotonic() < deadline:
-        pulled = list(grid.pull_messages(pending))
-        replies += pulled
-        pending -= {m.metadata.reply_to_message_id for m in pulled}
-        if pending:
-            time.sleep(poll)
-    return replies
+
+def _finish(recorders: list[Recorder], outcome: Outcome) -> None:
+    """Tell every recorder how the run ended; one recorder failing does not silence the others."""
+    errors = []
+    for recorder in recorders:
+        try:
+            recorder.finish(outcome)
+        except Exception as exc:  # noqa: BLE001 - said below, after the others had their turn
+            errors.append(exc)
+    if errors:
+        raise errors[0]
+
+
+def _rounds(grid: Grid, cfg: RunConfig, folder, recorders: list[Recorder], state: _State) -> Outcome:
+    """The overlap check and round 0, then the rounds until the last, an early stop or too few updates."""
+    heldout = server_heldout(cfg)
+    model = build_model(cfg.model, heldout.images.shape[1:], len(cfg.labels), cfg.learning_rate)
+    if cfg.initial_weights:
+        load_initial_weights(model, cfg.initial_weights)
+    strategy = HospitalFedAvg(cfg, [tuple(w.shape) for w in model.get_weights()], [w.trainable for w in model.weights])
+    started = time.perf_counter()
+    overlap = check_overlap(grid, strategy, heldout, cfg)
+    n_before = len(heldout)
+    if overlap.held:
+        heldout = heldout.take(np.array(sorted(set(range(len(heldout))) - overlap.held), int))
+    sample_rows = gradcam_sample(heldout, cfg)
+    sample = heldout.take(sample_rows)
+    report = RoundReport(0, cfg, folder, strategy.record, evaluate_heldout(model, heldout, cfg, None), heldout.labels, model, judge({}, 0), False)
+    report.started = started
+    report.overlap = overlap.rows
+    report.notes = overlap.lines(n_before) + ([f"{n_before - len(heldout)} held-out image(s) that hospitals also hold are left out; {len(heldout)} remain"] if overlap.held else [])
+    _close(report, recorders, state)
+    arrays = ArrayRecord(model.get_weights())
+    config = ConfigRecord({wire.RUN_FOLDER: str(folder)})
+    for rnd in range(1, cfg.num_server_rounds + 1):
+        report, arrays = _round(rnd, grid, cfg, folder, strategy, model, heldout, sample, sample_rows, arrays, config, state)
+        _close(report, recorders, state)
+        if not report.record.trained or len(report.record.trained) < cfg.min_hospitals:
+            reason = (
+                f"round {rnd}: {len(report.record.trained)} valid training update(s), fewer than min-hospitals = {cfg.min_hospitals}; "
+                f"the run stops here ({'; '.join(report.record.failures) or 'no hospital was asked'})"
+            )
+            return Outcome(FAILED, reason, rnd, state.best_round, state.best, state.rows[-1])
+        if cfg.early_stop_rounds and state.stale >= cfg.early_stop_rounds:
+            reason = f"early stop after round {rnd}: no better {state.best.criterion} for {state.stale} rounds (early-stop-rounds = {cfg.early_stop_rounds})"
+            return Outcome(FINISHED, reason, rnd, state.best_round, state.best, state.rows[-1], _sanity(model, sample, cfg, state))
+    reason = f"all {cfg.num_server_rounds} rounds"
+    return Outcome(FINISHED, reason, cfg.num_server_rounds, state.best_round, state.best, state.rows[-1], _sanity(model, sample, cfg, state))
+
+
+def _round(
+    rnd: int, grid: Grid, cfg: RunConfig, folder, strategy: HospitalFedAvg, model: keras.Model, heldout: ImageSet, sample: ImageSet,
+    sample_rows: np.ndarray, arrays: ArrayRecord, config: ConfigRecord, state: _State,
+) -> tuple[RoundReport, ArrayRecord]:  # fmt: skip
+    """One round: the hospitals train and validate, the server checks its held-out set and where the model looks."""
+    started, phases = time.perf_counter(), {}
+    with _timed(phases, "train"):  # the hospitals' training, the messages both ways, and aggregation
+        replies = send_and_receive(grid, strategy.configure_train(rnd, arrays, config, grid), cfg.round_timeout, cfg.reply_poll_seconds)
+        new_arrays, _ = strategy.aggregate_train(rnd, replies)
+    trained = new_arrays is not None
+    arrays = new_arrays if trained else arrays
+    if trained:
+        with _timed(phases, "evaluate"):
+            replies = send_and_receive(grid, strategy.configure_evaluate(rnd, arrays, config, grid), cfg.round_timeout, cfg.reply_poll_seconds)
+            strategy.aggregate_evaluate(rnd, replies)
+    else:
+        strategy.record.unavailable["global_auc"] = "no model was trained this round, so none was validated"
+    record = strategy.record
+    with _timed(phases, "heldout"):
+        model.set_weights(arrays.to_numpy_ndarrays())
+        held = evaluate_heldout(model, heldout, cfg, record.thresholds)
+    selection = judge(record.row, rnd)
+    best = trained and selection.beats(state.best)
+    report = RoundReport(rnd, cfg, folder, record, held, heldout.labels, model, selection, best, sample, sample_rows)
+    report.started = started
+    if trained and cfg.gradcam_images:
+        with _timed(phases, "gradcam"):
+            _look(report, held.logits[sample_rows], state)
+    report.phases = phases
+    return report, arrays
+
+
+def _look(report: RoundReport, logits: np.ndarray, state: _State) -> None:
+    """This round's Grad-CAM check and shortcut warning; a failure is said and recorded, and the rest of the round stands."""
+    cfg, record = report.cfg, report.record
+    chosen = np.full(len(cfg.labels), cfg.threshold) if record.thresholds is None else np.where(np.isnan(record.thresholds), cfg.threshold, record.thresholds)
+    try:
+        report.gradcam = gradcam_check(report.model, report.sample, logits, chosen, cfg, state.heat)
+    except ValueError as exc:
+        report.gradcam_error = f"Grad-CAM check not run: {exc}"
+        return
+    state.heat = report.gradcam.heat
+    previous = state.rows[-1] if report.round > 1 else None
+    warning = gradcam_warning({**record.row, **report.gradcam.row}, previous, cfg)
+    report.warnings = [warning] if warning else []
+
+
+def _close(report: RoundReport, recorders: list[Recorder], state: _State) -> None:
+    """Judge the round against the best so far, then hand it to the recorders."""
+    if report.best:
+        state.best, state.best_round, state.stale = report.selection, report.round, 0
+    elif report.round > 0:
+        state.stale += 1
+    if report.round > 0:
+        state.durations.append(time.perf_counter() - report.started)
+        remaining = report.cfg.num_server_rounds - report.round
+        report.eta_seconds = sum(state.durations) / len(state.durations) * remaining
+    record_round(recorders, report)
+    state.rows.append(report.row())
+
+
+def _sanity(model: keras.Model, sample: ImageSet, cfg: RunConfig, state: _State) -> list[tuple[str, str, float]]:
+    """The randomisation sanity test after the last round, where the Grad-CAM checks ran."""
+    if state.heat is None:
+        return []
+    return [(cfg.labels[j], name, r) for j in range(len(cfg.labels)) for name, r in randomisation_test(model, sample.images, j, cfg.seed)]
 
 
 @contextlib.contextmanager
@@ -65,120 +194,3 @@ def _timed(phases: dict[str, float], name: str) -> Iterator[None]:
         yield
     finally:
         phases[f"seconds_{name}"] = phases.get(f"seconds_{name}", 0.0) + time.perf_counter() - start
-
-
-def run_federation(grid: Grid, cfg: RunConfig) -> None:
-    """Round 0 (the initial model) and then train, validate and check each round until the last or an early stop."""
-    folder = run_folder(cfg)
-    (folder / "plots").mkdir()
-    say(f"run folder: {folder}")
-    keras.utils.set_random_seed(cfg.seed)
-    heldout = server_heldout(cfg)
-    model = build_model(cfg.model, heldout.images.shape[1:], len(cfg.labels), cfg.learning_rate)
-    if cfg.initial_weights:
-        load_initial_weights(model, cfg.initial_weights)
-    sample_rows = gradcam_sample(heldout, cfg)
-    sample = heldout.take(sample_rows)
-    strategy = HospitalFedAvg(cfg, [tuple(w.shape) for w in model.get_weights()], [w.trainable for w in model.weights])
-    arrays = ArrayRecord(model.get_weights())
-    config = ConfigRecord({wire.RUN_FOLDER: str(folder)})
-
-    start = time.time()
-    held = evaluate_heldout(model, heldout, cfg, thresholds=None)
-    rows = [{"round": 0, **held.row, "n_sites": 0, "n_failed": 0, "n_rejected": 0, "seconds": time.time() - start, "best": False}]
-    site_rows: list[dict] = []
-    received_rows: list[dict] = []
-    write_tables(folder, rows, site_rows)
-    say(f"round 0/{cfg.num_server_rounds}  held-out AUC {fmt(held.row['heldout_auc'])} (initial model, {len(heldout)} held-out images)")
-
-    best_auc, stale, round_seconds, heat = -math.inf, 0, [], None
-    for rnd in range(1, cfg.num_server_rounds + 1):
-        start, phases = time.time(), {}
-        with _timed(phases, "train"):  # the hospitals' training, the messages both ways, and aggregation
-            replies = send_and_receive(grid, strategy.configure_train(rnd, arrays, config, grid), cfg.round_timeout, cfg.reply_poll_seconds)
-            new_arrays, _ = strategy.aggregate_train(rnd, replies)
-        arrays = new_arrays if new_arrays is not None else arrays
-        with _timed(phases, "evaluate"):
-            replies = send_and_receive(grid, strategy.configure_evaluate(rnd, arrays, config, grid), cfg.round_timeout, cfg.reply_poll_seconds)
-            strategy.aggregate_evaluate(rnd, replies)
-        record = strategy.record
-        with _timed(phases, "heldout"):
-            model.set_weights(arrays.to_numpy_ndarrays())
-            held = evaluate_heldout(model, heldout, cfg, record.thresholds)
-        with _timed(phases, "gradcam"):
-            looks, heat = check_where_it_looks(model, sample, held.logits[sample_rows], record.thresholds, cfg, heat, folder / "gradcam" / f"round_{rnd:03d}")
-            looks["gradcam_warning"] = gradcam_warning({**record.row, **looks}, rows[-1] if rnd > 1 else None, cfg)
-        if looks["gradcam_warning"]:
-            say(f"GRAD-CAM WARNING round {rnd}: {looks['gradcam_warning']}")
-
-        auc = record.row.get("global_auc", math.nan)
-        best = not math.isnan(auc) and auc > best_auc
-        with _timed(phases, "record"):  # models, plots
-            if best:
-                best_auc, stale = auc, 0
-                save_model(model, folder / "model_best.keras")
-            else:
-                stale += 1
-            save_model(model, folder / "model_last.keras")
-            plot_round(
-                folder / "plots" / f"round_{rnd:03d}.png", f"Round {rnd}: global model", cfg.labels,
-                (record.pos, record.neg) if record.pos is not None else None, (held.logits, heldout.labels),
-                held.counts_at_threshold, record.thresholds, record.sites, cfg.histogram_bins,
-            )  # fmt: skip
-            if best:
-                shutil.copy(folder / "plots" / f"round_{rnd:03d}.png", folder / "best_model.png")
-        round_seconds.append(time.time() - start)
-        rows.append(
-            {
-                "round": rnd, **record.row, **held.row, **looks,
-                "n_sites": len(record.trained), "n_failed": len(record.failures), "n_rejected": record.n_rejected,
-                "n_val": record.n_val, "train_loss": record.train_loss, "seconds": round_seconds[-1], **phases, "best": best,
-                "failures": "; ".join(record.failures),
-            }
-        )  # fmt: skip
-        site_rows += [{"round": rnd, **site} for site in record.sites]
-        write_tables(folder, rows, site_rows)
-        received_rows += [{"round": rnd, **entry} for entry in record.received]
-        pd.DataFrame(received_rows).to_csv(folder / "received.csv", index=False)  # to match against the hospitals' audit logs
-        worst = record.row.get("worst_site_auc", math.nan)
-        say(
-            f"round {rnd}/{cfg.num_server_rounds}  pooled AUC {fmt(auc)}  sens {fmt(record.row.get('global_sensitivity'), 2)}  "
-            f"spec {fmt(record.row.get('global_specificity'), 2)}  worst site AUC {fmt(worst)} ({record.row.get('worst_site', '-')})  "
-            f"held-out AUC {fmt(held.row['heldout_auc'])}  sites {len(record.trained)}/{len(strategy.sent.get('train', []))}"
-            + f"  pointing {fmt(looks.get('gradcam_pointing'), 2)}"
-            + (f"  FAILED {len(record.failures)}" if record.failures else "")
-            + f"  {round_seconds[-1]:.1f} s  ETA {_eta(round_seconds, cfg.num_server_rounds - rnd)}"
-        )
-        if cfg.early_stop_rounds and stale >= cfg.early_stop_rounds:
-            say(f"early stop: no better pooled AUC for {stale} rounds (early-stop-rounds = {cfg.early_stop_rounds})")
-            break
-    if heat is not None:
-        sanity_check(model, sample, cfg, folder / "gradcam")
-    ci = f"{fmt(held.row['heldout_auc_ci_low'])}-{fmt(held.row['heldout_auc_ci_high'])}"
-    say(f"done: best pooled AUC {fmt(best_auc)}; final held-out AUC {fmt(held.row['heldout_auc'])} (95 % CI {ci}); run folder: {folder}")
-
-
-def check_where_it_looks(model, sample, logits, thresholds, cfg: RunConfig, previous, pictures: Path) -> tuple[dict, np.ndarray | None]:
-    """This round's Grad-CAM figures and pictures; a failure is said and recorded, and the rest of the round stands."""
-    if cfg.gradcam_images == 0:
-        return {}, None
-    chosen = np.full(len(cfg.labels), cfg.threshold) if thresholds is None else np.where(np.isnan(thresholds), cfg.threshold, thresholds)
-    try:
-        result = gradcam_check(model, sample, logits, chosen, cfg, previous)
-    except ValueError as exc:
-        say(f"Grad-CAM check skipped: {exc}")
-        return {"gradcam_error": str(exc)}, previous
-    probabilities = to_probability(logits[:, 0])
-    title = f"{pictures.name.replace('_', ' ')}: where the model looks for {cfg.labels[0]}, called positive at p >= {chosen[0]:.3f}"
-    save_gradcam_pictures(pictures, title, sample.images, result.heat[0], sample.boxes[:, 0], result.cases, probabilities)
-    return result.row, result.heat
-
-
-def sanity_check(model, sample, cfg: RunConfig, folder: Path) -> None:
-    """The randomisation sanity test after the last round: gradcam/sanity.csv, and a verdict on the fully randomised stage."""
-    stages = [(cfg.labels[j], name, r) for j in range(len(cfg.labels)) for name, r in randomisation_test(model, sample.images, j, cfg.seed)]
-    pd.DataFrame(stages, columns=["label", "randomised_down_to", "spearman_with_trained"]).to_csv(folder / "sanity.csv", index=False, float_format="%.4f")
-    for label in cfg.labels:
-        final = [r for l, _, r in stages if l == label][-1]
-        verdict = "the heatmaps depend on the learnt weights" if final < 0.5 else "WARNING: the heatmaps barely depend on the weights"
-        say(f"Grad-CAM randomisation test ({label}): fully randomised stage correlates {final:.2f} with the trained model: {verdict}")

@@ -18,6 +18,7 @@ import psutil
 
 from common.config import RunConfig, config_to_dict
 from common.deployment import BIN, flower_process_env
+from server.run_folder import FAILED, FINISHED, mark_ended, read_status
 
 PROJECT = Path(__file__).resolve().parent.parent
 
@@ -116,3 +117,20 @@ def run_outcome(connection: str, env: dict[str, str]) -> tuple[str, str]:
     return runs[0]["status"], runs[0].get("status-details", "")
 
 
+
+
+def outcome(connection: str, env: dict[str, str], folder: Path) -> None:
+    """Raise RunFailed saying why, unless the run finished every round it set out to: the run folder's status.json
+    says how the run ended where the ServerApp could say it; where it could not (it crashed, or never started),
+    Flower's own status says it, and the status is marked failed with that reason."""
+    flower, details = run_outcome(connection, env)
+    status = read_status(folder)
+    if status is not None and status.get("status") == FINISHED and flower == "finished:completed":
+        return
+    if status is not None and status.get("status") == FAILED:
+        raise RunFailed(f"{status.get('reason') or 'no reason recorded'} (run folder {folder})")
+    reason = f"the run ended as {flower!r} in Flower: {details or 'no details'}"
+    if status is None:
+        raise RunFailed(f"{reason}; no run folder status was written ({folder})")
+    mark_ended(folder, FAILED, reason)
+    raise RunFailed(f"{reason} (run folder {folder}, last round written: {status.get('last_round')})")

@@ -3,9 +3,13 @@ each with its own site file and folder of built-in images, all on loopback; runs
 everything it started, also when it fails.
 
     python -m server.rehearse [--hospitals 2] [--rounds 2] [--workdir rehearsal/] [--insecure]
+    python -m server.rehearse -c "sites='a.yaml,b.yaml' heldout-site='heldout.yaml'"   # your own site files
 
-The work folder keeps what a real deployment has: certs/ (CA, SuperLink certificate, hospital keys), sites/ (site
-files, images, and each hospital's reports/<name>/ with its audit log), logs/, and runs/<run-name>/.
+The work folder keeps what a real deployment has: certs/ (CA, SuperLink certificate, hospital keys), sites/ (the
+demo site files, images, and each hospital's reports/<name>/ with its audit log), logs/, and runs/<run-name>/.
+With `sites=` each site file is a hospital (its SuperNode reads it; --hospitals is then the number of files), and
+with `heldout-site=` the server's held-out set is that site's images. Every site file is checked first (the data
+check); a site that is NOT READY stops the rehearsal before anything starts.
 """
 
 from __future__ import annotations
@@ -21,11 +25,13 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from common.config import ConfigError, RunConfig, parse_overrides, parse_run_config, project_settings
+from common.config import RunConfig, parse_overrides, parse_run_config, project_settings
 from common.demo_sites import write_demo_sites
 from common.deployment import INSECURE_WARNING, SuperNodeSetup, supernode_command
+from common.errors import ConfigError, DataError
+from common.site_file import load_site_config
 from common.tls import DeploymentError
-from server.launch import BIN, PROJECT, RunFailed, flower_env, free_port, run_outcome, start_superlink, stop, write_run_config
+from server.launch import BIN, PROJECT, RunFailed, flower_env, free_port, outcome, start_superlink, stop, write_run_config
 
 CONNECTION = "rehearsal"
 CERTIFICATES = PROJECT / "deploy" / "certificates.py"
@@ -127,31 +133,43 @@ def run(federation: Federation, cfg: RunConfig, timeout: float = 1800) -> Path:
     command = [str(BIN / "flwr"), "run", str(PROJECT), CONNECTION, "--stream", "--run-config", str(settings)]
     with open(federation.workdir / "logs" / "flwr-run.log", "w") as log:
         subprocess.run(command, env=federation.env, cwd=PROJECT, stdout=log, stderr=subprocess.STDOUT, timeout=timeout, check=False)
-    status, details = run_outcome(CONNECTION, federation.env)
     folder = Path(cfg.output_dir) / cfg.run_name
-    if status != "finished:completed":
-        raise RunFailed(f"run ended as {status!r}: {details or 'no details'} (logs in {federation.workdir / 'logs'})")
+    try:
+        outcome(CONNECTION, federation.env, folder)
+    except RunFailed as exc:
+        raise RunFailed(f"{exc}; logs in {federation.workdir / 'logs'}") from None
     return folder
 
 
 def rehearsal_config(workdir: Path, heldout: Path, hospitals: int, rounds: int, overrides: dict | None = None) -> RunConfig:
-    """The rehearsal's run settings: the app's defaults, small images, the held-out site, output under the work folder."""
+    """The rehearsal's run settings: the app's defaults, small images, the held-out site, output under the work folder;
+    the caller's settings (sites=, heldout-site= included) win."""
+    overrides = overrides or {}
     settings = {
         **project_settings(), "num-server-rounds": rounds, "num-hospitals": hospitals, "min-hospitals": hospitals,
-        "image-size": 32, "gradcam-images": 16, "min-histogram-images": 5, "heldout-site": str(heldout),
-        "output-dir": str(workdir / "runs"), "run-name": time.strftime("rehearsal-%Y%m%d-%H%M%S"), **(overrides or {}),
+        "image-size": 32, "gradcam-images": 16, "heldout-site": str(heldout),
+        "output-dir": str(workdir / "runs"), "run-name": time.strftime("rehearsal-%Y%m%d-%H%M%S"), **overrides,
     }  # fmt: skip
+    if "sites" in overrides and "min-hospitals" not in overrides:
+        settings["min-hospitals"] = len([p for p in str(overrides["sites"]).split(",") if p.strip()]) or hospitals
     return parse_run_config(settings)
 
 
 def rehearse(workdir: Path, hospitals: int, rounds: int, insecure: bool = False, worker: bool = True, overrides: dict | None = None) -> Path:
-    """The whole rehearsal: sites, certificates, SuperLink, SuperNodes (with their training workers unless told not
-    to), a run; returns the run folder."""
+    """The whole rehearsal: sites (the demo's, or the site files the settings name), the data check, certificates,
+    SuperLink, SuperNodes (with their training workers unless told not to), a run; returns the run folder."""
     demo = parse_run_config({**project_settings(), "num-hospitals": hospitals, "images-per-hospital": 100, "heldout-images": 60, "image-size": 32})
-    *site_files, heldout = write_demo_sites(demo, workdir / "sites")
-    names = [f.stem for f in site_files]
+    *demo_sites, demo_heldout = write_demo_sites(demo, workdir / "sites")
+    cfg = rehearsal_config(workdir, demo_heldout, hospitals, rounds, overrides)
+    site_files = [Path(p) for p in cfg.sites] or demo_sites
+    names = [load_site_config(f).name for f in site_files]
+    if len(set(names)) != len(names):
+        raise ConfigError(f"run setting 'sites': two site files name the same site ({', '.join(names)}); every hospital needs its own name")
+    from common.data_check import require_ready  # imports TensorFlow: after the settings are known to be sound
+
+    require_ready([*map(str, site_files), cfg.heldout_site], cfg, lambda line: print(f"fedimaging: {line}", flush=True))
     certs = None if insecure else make_certificates(workdir, names)
-    cfg = rehearsal_config(workdir, heldout, hospitals, rounds, overrides)
+    hospitals = len(site_files)
     print(f"fedimaging: rehearsal in {workdir}: {hospitals} hospitals, {rounds} rounds, {'INSECURE' if insecure else 'TLS and node authentication'}", flush=True)
     with federation(workdir, insecure) as fed:
         for name, site_file in zip(names, site_files):
@@ -181,13 +199,13 @@ def main(argv: list[str] | None = None) -> int:
         print(INSECURE_WARNING, file=sys.stderr)
     try:
         folder = rehearse(workdir, args.hospitals, args.rounds, args.insecure, not args.no_worker, parse_overrides(args.run_config))
-    except (ConfigError, DeploymentError) as exc:
+    except (ConfigError, DataError, DeploymentError) as exc:
         print(f"fedimaging: error: {exc}", file=sys.stderr)
         return 2
     except (RunFailed, subprocess.TimeoutExpired) as exc:
         print(f"fedimaging: the rehearsal failed: {exc}", file=sys.stderr)
         return 1
-    print(f"fedimaging: rehearsal completed; run folder {folder}; hospitals' audit logs under {workdir / 'sites' / 'reports'}", flush=True)
+    print(f"fedimaging: rehearsal completed; work folder {workdir}; run folder {folder}; the demo hospitals' audit logs under {workdir / 'sites' / 'reports'}", flush=True)
     return 0
 
 

@@ -1,7 +1,9 @@
 """Run a simulated federation on this machine and say whether it worked.
 
-Starts a private SuperLink on free loopback ports with its own FLWR_HOME, submits the app with `flwr run --stream`,
-checks the run's real outcome (`flwr run` exits 0 even for a failed run) and stops every process it started.
+Checks the settings and runs the data check on every site file named, then starts a private SuperLink on free
+loopback ports with its own FLWR_HOME, submits the app with `flwr run --stream`, reads the run's real outcome from its
+folder's status.json (`flwr run` exits 0 even for a failed run) and stops every process it started. Exits 0 only when
+every round ran; 1 when the run failed (the reason is said); 2 on bad settings or data; 130 when interrupted.
 
     python -m server.simulate --run-config "num-server-rounds=5 partition='dirichlet'"
 """
@@ -18,14 +20,13 @@ import time
 from pathlib import Path
 from typing import Any
 
-from common.config import (
-    ConfigError, RunConfig, config_to_dict, describe_settings, load_site_config, parse_overrides, parse_run_config, project_settings,
-    site_label_sources,
-)  # fmt: skip
-from common.data import DataError
+from common.config import RunConfig, config_to_dict, describe_settings, parse_overrides, parse_run_config, project_settings
+from common.errors import ConfigError, DataError
 from common.partition import assign_hospitals, pool_labels
-from common.site_data import index_site
-from server.launch import BIN, PROJECT, RunFailed, flower_env, run_outcome, start_superlink, stop, write_run_config
+from common.site_file import load_site_config, site_label_sources
+from common.site_index import index_site
+from server.launch import BIN, PROJECT, RunFailed, flower_env, outcome, start_superlink, stop, write_run_config
+from server.run_folder import FAILED, INTERRUPTED, RUNNING, mark_ended
 
 CONNECTION = "fedimaging-simulation"
 
@@ -47,6 +48,14 @@ def prepare(overrides: dict[str, Any]) -> RunConfig:
     if folder.exists():
         raise ConfigError(f"run setting 'run-name': run folder {folder} exists already")
     return parse_run_config({**config_to_dict(cfg), "run-name": run_name})
+
+
+def check_data(cfg: RunConfig) -> None:
+    """The data check on every site file of the run, before anything trains; DataError names each site NOT READY."""
+    if cfg.sites or cfg.heldout_site:
+        from common.data_check import require_ready  # imports TensorFlow: only where there are site files to check
+
+        require_ready([*cfg.sites, cfg.heldout_site], cfg, lambda line: print(f"fedimaging: {line}", flush=True))
 
 
 def write_connection(flwr_home: Path, port: int) -> None:
@@ -77,16 +86,11 @@ def simulate(cfg: RunConfig) -> Path:
             command = [str(BIN / "flwr"), "run", str(PROJECT), CONNECTION, "--stream"]
             command += ["--run-config", str(settings), "--federation-config", federation_config(cfg)]
             subprocess.run(command, env=env, cwd=PROJECT, check=False)
-            status, details = run_outcome(CONNECTION, env)
+            outcome(CONNECTION, env, folder)
         finally:
             stop(superlink, flwr_home)
             if folder.is_dir():
                 shutil.copy(flwr_home / "superlink.log", folder / "superlink.log")
-    if status != "finished:completed":
-        where = f"the SuperLink's log is in {folder / 'superlink.log'}" if folder.is_dir() else "no run folder was made"
-        raise RunFailed(f"run ended as {status!r}: {details or 'no details'} ({where})")
-    if not (folder / "history.csv").is_file():
-        raise RunFailed(f"the run completed but wrote no {folder / 'history.csv'}")
     return folder
 
 
@@ -102,8 +106,10 @@ def main(argv: list[str] | None = None) -> int:
     # A SIGTERM (a scheduler, `kill`) unwinds like Ctrl-C, so the SuperLink and everything it started are stopped too.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     started = time.time()
+    cfg = None
     try:
         cfg = prepare(parse_overrides(args.run_config))
+        check_data(cfg)
         folder = simulate(cfg)
     except (ConfigError, DataError) as exc:
         print(f"fedimaging: error: {exc}", file=sys.stderr)
@@ -111,6 +117,12 @@ def main(argv: list[str] | None = None) -> int:
     except RunFailed as exc:
         print(f"fedimaging: the simulation failed: {exc}", file=sys.stderr)
         return 1
+    except (KeyboardInterrupt, SystemExit) as exc:
+        how = "Ctrl-C" if isinstance(exc, KeyboardInterrupt) else "a termination signal"
+        if cfg is not None:
+            mark_ended(Path(cfg.output_dir) / cfg.run_name, INTERRUPTED, f"interrupted by {how}", replacing=(RUNNING, FAILED))
+        print(f"fedimaging: interrupted by {how}; every process of the run was stopped", file=sys.stderr)
+        return 130 if isinstance(exc, KeyboardInterrupt) else 143
     print(f"fedimaging: completed in {time.time() - started:.0f} s; results in {folder}", flush=True)
     return 0
 

@@ -1,4 +1,5 @@
-"""FedAvg that validates every reply, records each failure by site, and pools counts and histograms into global figures."""
+"""FedAvg that validates every reply, records each failure by site, and pools the sites' score intervals into global
+figures that count every hospital."""
 
 from __future__ import annotations
 
@@ -13,8 +14,11 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
 from common import wire
+from common.bin_floor import auc_bounds, pooled
 from common.config import RunConfig
-from common.metrics import figures, operating_point
+from common.metrics import (
+    auc_from_histograms, counts_at_edge, figures, log_loss_from_histograms, operating_point, per_label, sensitivity, specificity, threshold_edge,
+)  # fmt: skip
 from server.aggregation import ServerAdam, weighted_mean
 
 log = logging.getLogger(__name__)
@@ -24,16 +28,19 @@ log = logging.getLogger(__name__)
 class RoundRecord:
     """What one round's replies amounted to: who contributed, who failed and why, pooled and per-site figures."""
 
+    asked: int = 0  # hospitals asked to train
     trained: dict[str, int] = field(default_factory=dict)  # site -> training images
     skipped: dict[str, int] = field(default_factory=dict)  # site -> unreadable files it left out (skip-unreadable)
+    not_images: dict[str, int] = field(default_factory=dict)  # site -> files holding no image
     evaluated: list[str] = field(default_factory=list)
-    failures: list[str] = field(default_factory=list)  # "site (phase): reason"
+    failures: list[str] = field(default_factory=list)  # "site (phase): reason", one per hospital and phase
     n_rejected: int = 0  # replies that arrived but were invalid
     train_loss: float = float("nan")
     n_val: int = 0
     row: dict[str, float | str] = field(default_factory=dict)  # history.csv columns: pooled figures, operating point, site spread
+    unavailable: dict[str, str] = field(default_factory=dict)  # figure -> why it could not be computed this round
     thresholds: np.ndarray | None = None  # (n_labels,) operating point per label, chosen on pooled validation
-    pos: np.ndarray | None = None  # (n_labels, n_bins) pooled histograms, for the ROC plot
+    pos: np.ndarray | None = None  # (n_labels, n_bins) pooled histograms (estimated), for the ROC plot
     neg: np.ndarray | None = None
     sites: list[dict] = field(default_factory=list)  # one row per evaluated site, for sites.csv
     received: list[dict] = field(default_factory=list)  # every reply that arrived: phase, node, site, bytes, SHA-256 (received.csv)
@@ -58,34 +65,39 @@ class HospitalFedAvg(FedAvg):
         )
         self.cfg = cfg
         self.weight_shapes = weight_shapes
-        self.sites: dict[int, str] = {}  # node id -> site name, learnt from valid replies
+        self.sites: dict[int, str] = {}  # node id -> site name, learnt from replies (valid ones, and failures that name it)
         self.sent: dict[str, list[int]] = {}  # phase -> node ids asked this round
         self.record = RoundRecord()
         self.server_adam = ServerAdam(cfg.server_learning_rate, trainable) if cfg.aggregation == "fedadam" else None
         self.current: list[np.ndarray] = []  # the global weights sent out this round
 
-    def _site(self, node_id: int) -> str:
+    def site_of(self, node_id: int) -> str:
         """A node's site name where a reply has told it, else its node id."""
         return self.sites.get(node_id, f"node {node_id}")
 
     def _fail(self, node_id: int, phase: str, reason: str) -> None:
         """Record and log a reply that is left out."""
-        entry = f"{self._site(node_id)} ({phase}): {reason}"
+        entry = f"{self.site_of(node_id)} ({phase}): {reason}"
         self.record.failures.append(entry)
         log.warning("round reply left out: %s", entry)
 
-    def _accept(self, phase: str, replies: Iterable[Message], parse: Callable) -> list:
-        """Parse every reply; record errors, invalid content and nodes that never replied."""
+    def accept(self, phase: str, replies: Iterable[Message], parse: Callable) -> list:
+        """Parse every reply; record errors (in one line, under the site they name), invalid content and nodes that
+        never replied, each once."""
         accepted, replied = [], set()
         for msg in replies:
             node_id = msg.metadata.src_node_id
-            replied.add(node_id)
-            if not msg.has_error():  # what arrived, to match against the hospitals' audit logs
-                summary = wire.payload_summary(msg.content)
-                self.record.received.append({"phase": phase, "node_id": node_id, "bytes": summary["bytes"], "sha256": summary["sha256"]})
-            if msg.has_error():
-                self._fail(node_id, phase, f"client error: {msg.error.reason}")
+            if node_id in replied:  # one answer per hospital and phase counts
                 continue
+            replied.add(node_id)
+            if msg.has_error():
+                site, line = wire.parse_error(msg.error.reason)
+                if site is not None and node_id not in self.sites:
+                    self.sites[node_id] = site
+                self._fail(node_id, phase, f"client error: {line}")
+                continue
+            summary = wire.payload_summary(msg.content)  # what arrived, to match against the hospitals' audit logs
+            self.record.received.append({"phase": phase, "node_id": node_id, "bytes": summary["bytes"], "sha256": summary["sha256"]})
             try:
                 reply = parse(msg.content)
             except wire.ReplyError as exc:
@@ -95,7 +107,7 @@ class HospitalFedAvg(FedAvg):
             self.sites[node_id] = reply.site
             accepted.append(reply)
         for entry in self.record.received:
-            entry.setdefault("site", self._site(entry["node_id"]))
+            entry.setdefault("site", self.site_of(entry["node_id"]))
         for node_id in self.sent.get(phase, []):
             if node_id not in replied:
                 self._fail(node_id, phase, f"no reply within round-timeout ({self.cfg.round_timeout:g} s)")
@@ -107,6 +119,7 @@ class HospitalFedAvg(FedAvg):
         self.current = arrays.to_numpy_ndarrays()
         messages = list(super().configure_train(server_round, arrays, config, grid))
         self.sent["train"] = [m.metadata.dst_node_id for m in messages]
+        self.record.asked = len(messages)
         return messages
 
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
@@ -119,9 +132,10 @@ class HospitalFedAvg(FedAvg):
         """Example-weighted mean of the valid replies' weights (or FedAdam's step towards it); None (keep the global
         model) below min-hospitals."""
         parse = lambda content: wire.parse_train_reply(content, self.weight_shapes, self.cfg.labels)  # noqa: E731
-        accepted: list[wire.TrainReply] = self._accept("train", replies, parse)
+        accepted: list[wire.TrainReply] = self.accept("train", replies, parse)
         self.record.trained = {r.site: r.num_examples for r in accepted}
         self.record.skipped = {r.site: r.skipped for r in accepted}
+        self.record.not_images = {r.site: r.not_images for r in accepted}
         if len(accepted) < self.cfg.min_hospitals:
             log.warning(
                 "round %d: %d valid train replies, fewer than min-hospitals = %d; the global model is kept",
@@ -137,31 +151,87 @@ class HospitalFedAvg(FedAvg):
         return ArrayRecord([w.astype(accepted[0].weights[i].dtype) for i, w in enumerate(weights)]), metrics
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
-        """Sum the valid replies' counts and histograms into pooled figures; each site's own figures beside them."""
+        """Pool the valid replies' score intervals into global figures; each site's own figures beside them."""
         cfg = self.cfg
-        parse = lambda content: wire.parse_evaluate_reply(content, cfg.labels, cfg.histogram_bins)  # noqa: E731
-        accepted: list[wire.EvaluateReply] = self._accept("evaluate", replies, parse)
+        parse = lambda content: wire.parse_evaluate_reply(content, cfg.labels, cfg.histogram_bins, cfg.min_bin_images)  # noqa: E731
+        accepted: list[wire.EvaluateReply] = self.accept("evaluate", replies, parse)
         record = self.record
         record.evaluated = [r.site for r in accepted]
-        if not accepted:
-            return None
-        with_hist = [r for r in accepted if r.pos is not None]
-        counts = sum(r.counts for r in accepted)
         record.n_val = sum(r.num_examples for r in accepted)
-        if with_hist:
-            record.pos, record.neg = sum(r.pos for r in with_hist), sum(r.neg for r in with_hist)
-        record.row = {f"global_{k}": v for k, v in figures(counts, record.pos, record.neg, cfg.labels).items()}
-        record.row["global_auc_images"] = sum(r.num_examples for r in with_hist)  # how many images the pooled AUC covers
-        if record.pos is not None:
-            record.thresholds, op = operating_point(record.pos, record.neg, cfg.target_sensitivity, cfg.labels)
-            record.row |= op
-        record.sites = [
-            {"site": r.site, "n_train": record.trained.get(r.site, 0), "n_val": r.num_examples,
-             **figures(r.counts, r.pos, r.neg, cfg.labels), "histograms": r.pos is not None, "skipped_files": record.skipped.get(r.site, 0)}
-            for r in accepted
-        ]  # fmt: skip
+        pooled_row(record, accepted, cfg)
+        record.sites = [site_row(r, cfg, record) for r in accepted]
         record.row |= site_spread(record.sites)
         return MetricRecord({k: float(v) for k, v in record.row.items() if isinstance(v, (int, float))})
+
+
+def _missing(labels: tuple[str, ...], pos: np.ndarray, neg: np.ndarray, where: str) -> list[str]:
+    """Why an AUC is undefined, per label: a class absent from the validation images ('' where both are present)."""
+    out = []
+    for j, label in enumerate(labels):
+        if pos[j].sum() == 0:
+            out.append(f"no validation image with {label} {where}")
+        elif neg[j].sum() == 0:
+            out.append(f"no validation image without {label} {where}")
+        else:
+            out.append("")
+    return out
+
+
+def pooled_row(record: RoundRecord, replies: list[wire.EvaluateReply], cfg: RunConfig) -> None:
+    """The pooled figures of every site that validated, into record.row (and why any is missing into record.unavailable):
+    AUC (estimated from the intervals; global_auc_low/high what they allow), sensitivity and specificity at the run's
+    threshold, the operating point, and the pooled log loss (the selection criterion where the AUC is undefined)."""
+    labels, n_bins = cfg.labels, cfg.histogram_bins
+    if not replies:
+        record.unavailable["global_auc"] = "no hospital validated this round"
+        record.row = {f"global_{k}": v for k, v in figures(np.zeros((len(labels), 4)), None, None, labels).items()}
+        return
+    per = [pooled([r.intervals[j] for r in replies], n_bins) for j in range(len(labels))]
+    record.pos, record.neg = np.stack([p for p, _ in per]), np.stack([n for _, n in per])
+    counts = counts_at_edge(record.pos, record.neg, threshold_edge(n_bins, cfg.threshold))
+    bounds = [auc_bounds([r.intervals[j] for r in replies], n_bins) for j in range(len(labels))]
+    reasons = _missing(labels, record.pos, record.neg, "at any site")
+    for j, (low, high) in enumerate(bounds):
+        if not reasons[j] and high - low >= 1 - 1e-9:
+            reasons[j] = f"no site's intervals separate its {labels[j]} images from the others (every site's images fit in one interval of min-bin-images = {cfg.min_bin_images} or fewer)"
+    aucs = [float("nan") if reasons[j] else auc_from_histograms(record.pos[j], record.neg[j]) for j in range(len(labels))]
+    figures_row = figures(counts, record.pos, record.neg, labels) | per_label("auc", aucs, labels)
+    figures_row |= per_label("auc_low", [b[0] for b in bounds], labels) | per_label("auc_high", [b[1] for b in bounds], labels)
+    record.row = {f"global_{k}": v for k, v in figures_row.items()}
+    record.row["global_log_loss"] = log_loss_from_histograms(record.pos, record.neg, cfg.threshold)
+    if any(reasons):
+        record.unavailable["global_auc"] = "; ".join(r for r in reasons if r)
+    if (record.pos.sum(axis=1) > 0).any():
+        record.thresholds, op = operating_point(record.pos, record.neg, cfg.target_sensitivity, labels, cfg.threshold)
+        record.row |= op
+    else:
+        record.unavailable["threshold_at_target_sensitivity"] = f"no validation image with {' or '.join(labels)} at any site"
+
+
+def site_row(reply: wire.EvaluateReply, cfg: RunConfig, record: RoundRecord) -> dict:
+    """A site's own figures from its intervals (spread evenly: no other site's images inform them), for sites.csv; a
+    figure its intervals cannot give is left empty and the note says why."""
+    labels, n_bins, k = cfg.labels, cfg.histogram_bins, cfg.min_bin_images
+    edge = threshold_edge(n_bins, cfg.threshold)
+    spread = [i.spread(n_bins) for i in reply.intervals]
+    pos, neg = np.stack([p for p, _ in spread]), np.stack([n for _, n in spread])
+    counts = counts_at_edge(pos, neg, edge)
+    missing = _missing(labels, pos, neg, "in its validation split")
+    notes, aucs, sens, spec = [], [], [], []
+    for j, (label, intervals) in enumerate(zip(labels, reply.intervals)):
+        why = missing[j] or ("" if intervals.informative else f"its {reply.num_examples} validation images fit in one interval of min-bin-images = {k}")
+        aucs.append(float("nan") if why else auc_from_histograms(pos[j], neg[j]))
+        notes += [f"{label}: AUC not available: {why}"] if why else []
+        exact = intervals.splits_at(edge + 1)
+        sens.append(sensitivity(counts[j]) if exact else float("nan"))
+        spec.append(specificity(counts[j]) if exact else float("nan"))
+        notes += [] if exact else [f"{label}: sensitivity and specificity not available: fewer than min-bin-images = {k} of its images on one side of the threshold"]
+    return {
+        "site": reply.site, "n_train": record.trained.get(reply.site, 0), "n_val": reply.num_examples,
+        **per_label("auc", aucs, labels), **per_label("sensitivity", sens, labels), **per_label("specificity", spec, labels),
+        "intervals": "/".join(str(int(((i.pos + i.neg) > 0).sum())) for i in reply.intervals),
+        "skipped_files": record.skipped.get(reply.site, 0), "not_images": record.not_images.get(reply.site, 0), "note": "; ".join(notes),
+    }  # fmt: skip
 
 
 def site_spread(sites: list[dict]) -> dict:

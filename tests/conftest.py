@@ -15,7 +15,7 @@ from common.config import RunConfig, parse_run_config  # noqa: E402
 def small_cfg(tmp_path) -> RunConfig:
     """Three hospitals of 40 images at 32x32: big enough for every split, small enough to train in seconds."""
     return parse_run_config(
-        {"num-hospitals": 3, "images-per-hospital": 40, "heldout-images": 30, "image-size": 32, "min-histogram-images": 5, "output-dir": str(tmp_path / "runs")}
+        {"num-hospitals": 3, "images-per-hospital": 40, "heldout-images": 30, "image-size": 32, "output-dir": str(tmp_path / "runs")}
     )
 
 
@@ -28,3 +28,33 @@ def task_identity():
     TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1
     yield
     TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id = saved
+
+
+FLOWER_NAMES = ("flower-superlink", "flower-superexec", "flower-supernode", "flwr-simulation", "flwr-serverapp", "flwr-clientapp", "ray::", "raylet", "gcs_server")
+
+
+@pytest.fixture
+def own_flower_processes(tmp_path, monkeypatch):
+    """A function listing the Flower and Ray processes this test started and left running: those below this process,
+    and those whose FLWR_HOME lies in this test's folder (a launcher's temporary FLWR_HOME goes there too). Flower
+    jobs of anyone else on the machine are not this test's business."""
+    import tempfile
+
+    import psutil
+
+    private = tmp_path / "tmp"
+    private.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(private))
+
+    def mine(p: psutil.Process, below: set[int]) -> bool:
+        try:
+            named = any(name in " ".join(p.cmdline()) for name in FLOWER_NAMES)
+            return named and (p.pid in below or p.environ().get("FLWR_HOME", "").startswith(str(tmp_path)))
+        except (psutil.Error, OSError):
+            return False
+
+    def listing() -> list[psutil.Process]:
+        below = {c.pid for c in psutil.Process().children(recursive=True)}
+        return [p for p in psutil.process_iter() if mine(p, below)]
+
+    return listing

@@ -16,20 +16,25 @@ from client.app import app
 from common.deployment import WORKER_SOCKET
 from client.worker import SOCKET_FILE, WorkerError, call
 from common import wire
-from common.config import ConfigError, config_to_dict
+from common.config import config_to_dict
 from common.model import build_model
 from common.partition import hospital_data
 
 pytestmark = pytest.mark.usefixtures("task_identity")
 
 
-def _call(kind: str, weights, cfg, hospital: int = 1, run_folder=None, worker_socket: str = "") -> Message:
+def _call(kind: str, weights, cfg, hospital: int = 1, run_folder=None, worker_socket: str = "", content: RecordDict | None = None) -> Message:
     """Send one message to the ClientApp and return its reply."""
     node_config = {"partition-id": hospital, "num-partitions": cfg.num_hospitals} | ({WORKER_SOCKET: worker_socket} if worker_socket else {})
     context = Context(run_id=1, node_id=10 + hospital, node_config=node_config, state=RecordDict(), run_config=config_to_dict(cfg))
     config = {"server-round": 1} | ({wire.RUN_FOLDER: str(run_folder)} if run_folder else {})
-    content = RecordDict({wire.ARRAYS: ArrayRecord(weights), "config": ConfigRecord(config)})
+    content = content if content is not None else RecordDict({wire.ARRAYS: ArrayRecord(weights), "config": ConfigRecord(config)})
     return app(Message(content=content, dst_node_id=10 + hospital, message_type=kind), context)
+
+
+def _interval_sizes(metrics) -> np.ndarray:
+    """The number of images in each score interval an evaluate reply reports."""
+    return np.asarray(metrics[wire.HIST_POS]) + np.asarray(metrics[wire.HIST_NEG])
 
 
 def test_train_changes_the_weights_and_reports_images_not_batches(small_cfg):
@@ -42,10 +47,10 @@ def test_train_changes_the_weights_and_reports_images_not_batches(small_cfg):
     assert any(not np.allclose(a, b) for a, b in zip(weights, parsed.weights))
 
 
-def test_only_weights_counts_and_histograms_leave_a_hospital(small_cfg):
-    """Capture every reply a client sends and check it holds only weights, the site's name and labels, example counts,
-    the loss, confusion counts and histograms: no image, no array the size of an image, no per-patient score or label.
-    This test is meant to fail when a later change makes a client send anything more."""
+def test_only_weights_counts_and_floored_intervals_leave_a_hospital(small_cfg):
+    """Capture every reply a client sends and check it holds only weights, the site's name and labels, image counts,
+    the loss, score intervals that keep the histogram floor, and the overlap count: no image, no array the size of an
+    image, no per-patient score or label. This test is meant to fail when a later change makes a client send more."""
     weights = build_model(small_cfg.model, (32, 32, 1), 1, small_cfg.learning_rate).get_weights()
     train_set, val_set = hospital_data(small_cfg, 1)
     replies = {kind: _call(kind, weights, small_cfg) for kind in (MessageType.TRAIN, MessageType.EVALUATE)}
@@ -58,21 +63,27 @@ def test_only_weights_counts_and_histograms_leave_a_hospital(small_cfg):
     assert all(a.size != image_size for a in sent_arrays)
     assert set(train[wire.METRICS].keys()) == wire.TRAIN_METRIC_KEYS
     assert isinstance(train[wire.METRICS][wire.NUM_EXAMPLES], int) and isinstance(train[wire.METRICS][wire.TRAIN_LOSS], float)
-    assert train[wire.METRICS][wire.SKIPPED] == 0  # a count only
+    assert train[wire.METRICS][wire.SKIPPED] == 0 and train[wire.METRICS][wire.NOT_IMAGES] == 0  # counts only
 
     evaluate = replies[MessageType.EVALUATE].content
     assert set(evaluate.keys()) == {wire.METRICS, wire.SITE}
     metrics = evaluate[wire.METRICS]
     assert set(metrics.keys()) == wire.EVALUATE_METRIC_KEYS
     assert metrics[wire.NUM_EXAMPLES] == len(val_set)
-    # aggregate counts only: the histograms are as long as the run's bins, whatever the number of patients
-    assert len(metrics[wire.HIST_POS]) == len(metrics[wire.HIST_NEG]) == small_cfg.histogram_bins
-    assert len(metrics[wire.CONFUSION]) == 4 and sum(metrics[wire.CONFUSION]) == len(val_set)
-    assert all(isinstance(v, int) for v in metrics[wire.HIST_POS] + metrics[wire.HIST_NEG] + metrics[wire.CONFUSION])
-    assert sum(metrics[wire.HIST_POS]) + sum(metrics[wire.HIST_NEG]) == len(val_set)
-    assert len(val_set) not in {len(metrics[k]) for k in (wire.HIST_POS, wire.HIST_NEG, wire.CONFUSION)}  # no list per patient
+    assert all(isinstance(v, int) for key in wire.EVALUATE_METRIC_KEYS - {wire.NUM_EXAMPLES} for v in metrics[key])
+    sizes = _interval_sizes(metrics)
+    assert sizes.sum() == len(val_set)
+    # the floor, as sent: every interval holds no image or at least min-bin-images of them (one interval over every
+    # bin says only how many positives and negatives there are)
+    assert len(sizes) == 1 or ((sizes == 0) | (sizes >= small_cfg.min_bin_images)).all()
+    assert (sizes > 0).sum() <= len(val_set) // small_cfg.min_bin_images  # far fewer numbers than patients
 
-    for content in (train, evaluate):
+    query = wire.pack_overlap_query(b"k" * 32, [str(d) for d in val_set.digest[:3]] + ["0" * 64], which=True)
+    overlap = _call(MessageType.QUERY, None, small_cfg, content=query).content
+    assert set(overlap.keys()) == {wire.METRICS, wire.SITE}
+    assert dict(overlap[wire.METRICS]) == {wire.OVERLAP_COUNT: 3, wire.OVERLAP_ROWS: [0, 1, 2]}  # the server's own images, by position
+
+    for content in (train, evaluate, overlap):
         assert dict(content[wire.SITE]) == {wire.SITE_NAME: "hospital-1", wire.SITE_LABELS: list(small_cfg.labels)}
 
     # no image's pixels anywhere in what was sent
@@ -82,21 +93,28 @@ def test_only_weights_counts_and_histograms_leave_a_hospital(small_cfg):
     assert not image_rows & windows
 
 
-def test_a_small_site_sends_counts_but_no_histograms_and_keeps_its_own_report(small_cfg, tmp_path):
-    cfg = dataclasses.replace(small_cfg, min_histogram_images=1000)
+def test_a_small_site_sends_what_the_floor_allows_and_keeps_its_exact_report(small_cfg, tmp_path):
+    cfg = dataclasses.replace(small_cfg, min_bin_images=1000)  # more than the site's images: one interval over every bin
     weights = build_model(cfg.model, (32, 32, 1), 1, cfg.learning_rate).get_weights()
     reply = _call(MessageType.EVALUATE, weights, cfg, run_folder=tmp_path)
     metrics = reply.content[wire.METRICS]
-    assert set(metrics.keys()) == wire.COUNTS_ONLY_METRIC_KEYS
+    assert metrics[wire.HIST_INTERVALS] == [1] and metrics[wire.HIST_STARTS] == [0]
+    _, val = hospital_data(cfg, 1)
+    assert metrics[wire.HIST_POS] == [int(val.labels.sum())] and metrics[wire.HIST_NEG] == [int((val.labels == 0).sum())]
     report = pd.read_csv(tmp_path / "hospitals" / "hospital-1" / "report.csv")
     assert report["round"].tolist() == [1] and report["n_val"].tolist() == [metrics[wire.NUM_EXAMPLES]]
-    assert {"auc", "sensitivity", "specificity"} <= set(report.columns)
+    assert report["auc"].between(0, 1).all() and {"sensitivity", "specificity"} <= set(report.columns)  # exact, kept at home
 
 
-def test_a_hospital_outside_the_federation_is_a_clear_error(small_cfg):
+def test_a_hospital_that_fails_answers_in_one_line_naming_itself(small_cfg, tmp_path):
     weights = build_model(small_cfg.model, (32, 32, 1), 1, small_cfg.learning_rate).get_weights()
-    with pytest.raises(ConfigError, match="hospital 7 does not exist: run setting 'num-hospitals' = 3"):
-        _call(MessageType.TRAIN, weights, small_cfg, hospital=7)
+    reply = _call(MessageType.TRAIN, weights, small_cfg, hospital=7, run_folder=tmp_path)
+    assert reply.has_error()
+    assert reply.error.reason == "[site hospital-7] ConfigError: hospital 7 does not exist: run setting 'num-hospitals' = 3"
+    assert wire.parse_error(reply.error.reason) == ("hospital-7", "ConfigError: hospital 7 does not exist: run setting 'num-hospitals' = 3")
+    from common.audit import read_audit
+
+    assert read_audit(tmp_path / "hospitals" / "hospital-7")[0]["error"] == reply.error.reason  # what left is in its audit log
 
 
 def test_every_reply_is_in_the_hospitals_audit_log_with_the_hash_the_server_computes(small_cfg, tmp_path):
@@ -113,7 +131,8 @@ def test_every_reply_is_in_the_hospitals_audit_log_with_the_hash_the_server_comp
     for array, w in zip(train["arrays"], weights):  # the serialised array: its values and a .npy header, nothing more
         assert w.nbytes < array["bytes"] <= w.nbytes + 256
     assert train["values"]["metrics.skipped-files"] == 0 and entries[1]["arrays"] == []
-    assert entries[1]["values"]["metrics.hist-pos"] == f"{small_cfg.histogram_bins} values"
+    evaluate = replies[1].content[wire.METRICS]
+    assert entries[1]["values"]["metrics.hist-pos"] == f"{len(evaluate[wire.HIST_POS])} values"  # how many numbers, not the numbers
 
 
 @pytest.fixture

@@ -7,7 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from common.config import ConfigError, RunConfig, config_to_dict, parse_run_config
+from common.config import RunConfig, config_to_dict, parse_run_config
+from common.errors import ConfigError
 
 PROJECT = Path(__file__).resolve().parent.parent
 

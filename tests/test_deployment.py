@@ -14,7 +14,8 @@ import pandas as pd
 import pytest
 
 from client import supernode
-from common.config import ConfigError, parse_run_config, project_settings
+from common.config import parse_run_config, project_settings
+from common.errors import ConfigError
 from common.demo_sites import write_demo_sites
 from common.deployment import SuperLinkSetup, SuperNodeSetup, superlink_command, supernode_command
 from common.model import build_model
@@ -28,16 +29,7 @@ certificates = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(certificates)
 
 
-def _flower_processes() -> set[int]:
-    """Flower processes running now (none of ours may outlive a test)."""
-    import psutil
-
-    names = ("flower-superlink", "flower-supernode", "flower-superexec", "flwr-serverapp", "flwr-clientapp", "client.supernode", "client.worker")
-    return {p.pid for p in psutil.process_iter(["cmdline"]) if any(n in " ".join(p.info["cmdline"] or []) for n in names)}
-
-
-def test_the_rehearsal_trains_over_tls_refuses_intruders_and_the_audit_logs_match_what_arrived(tmp_path, capsys):
-    before = _flower_processes()
+def test_the_rehearsal_trains_over_tls_refuses_intruders_and_the_audit_logs_match_what_arrived(tmp_path, capsys, own_flower_processes):
     demo = parse_run_config({**project_settings(), "num-hospitals": 2, "images-per-hospital": 60, "heldout-images": 30, "image-size": 32})
     *site_files, heldout = write_demo_sites(demo, tmp_path / "sites")
     certs = rehearse.make_certificates(tmp_path, ["hospital-0", "hospital-1", "intruder"])
@@ -55,25 +47,27 @@ def test_the_rehearsal_trains_over_tls_refuses_intruders_and_the_audit_logs_matc
         assert unregistered.wait(60) != 0 and plaintext.poll() is None  # refused at once; the plaintext one never gets in
     log = (tmp_path / "logs" / "intruder.log").read_text()
     assert "Failed to activate SuperNode" in log
-    for name in ("hospital-0", "hospital-1"):  # one long-lived worker per hospital loaded its site once for all 4 messages
+    for name in ("hospital-0", "hospital-1"):  # one long-lived worker per hospital loaded its site once for all 5 messages
         node_log = (tmp_path / "logs" / f"{name}.log").read_text()
         assert node_log.count("[worker] ready on") == 1 and node_log.count(f"[{name}] ") == 1, node_log[-2000:]
     assert "Connection attempt failed" in (tmp_path / "logs" / "plaintext.log").read_text()
-    assert _flower_processes() <= before
+    assert not own_flower_processes()
 
     history = pd.read_csv(folder / "history.csv")
     assert history["round"].tolist() == [0, 1, 2] and history["n_sites"].iloc[1:].tolist() == [2, 2]
     assert history["n_failed"].tolist() == [0, 0, 0] and history["heldout_auc"].between(0, 1).all()
     received = pd.read_csv(folder / "received.csv")
     audit = [json.loads(line) for name in ("hospital-0", "hospital-1") for line in (tmp_path / "sites" / "reports" / name / "audit.jsonl").read_text().splitlines()]
-    assert sorted(e["sha256"] for e in audit) == sorted(received["sha256"]) and len(audit) == 8  # 2 sites x 2 rounds x (train, evaluate)
-    assert {(e["site"], e["round"], e["type"]) for e in audit} == {(s, r, t) for s in ("hospital-0", "hospital-1") for r in (1, 2) for t in ("train", "evaluate")}
+    assert sorted(e["sha256"] for e in audit) == sorted(received["sha256"]) and len(audit) == 10  # 2 sites x (overlap + 2 rounds x (train, evaluate))
+    expected = {(s, r, t) for s in ("hospital-0", "hospital-1") for r in (1, 2) for t in ("train", "evaluate")} | {(s, 0, "query") for s in ("hospital-0", "hospital-1")}
+    assert {(e["site"], e["round"], e["type"]) for e in audit} == expected
     model_bytes = sum(w.nbytes for w in build_model("lightcnn", (32, 32, 1), 1, 1e-3).get_weights())
     for entry in audit:  # no image data: weights (and their headers) in train replies, a few hundred numbers in evaluate replies
         array_bytes = sum(a["bytes"] for a in entry["arrays"])
         assert (model_bytes <= array_bytes <= model_bytes + 256 * len(entry["arrays"])) if entry["type"] == "train" else array_bytes == 0
-        assert set(entry["values"]) <= {"metrics.num-examples", "metrics.train-loss", "metrics.skipped-files", "metrics.confusion",
-                                        "metrics.hist-pos", "metrics.hist-neg", "site.site-name", "site.labels"}  # fmt: skip
+        assert set(entry["values"]) <= {"metrics.num-examples", "metrics.train-loss", "metrics.skipped-files", "metrics.not-images",
+                                        "metrics.hist-intervals", "metrics.hist-starts", "metrics.hist-pos", "metrics.hist-neg",
+                                        "metrics.overlap-count", "site.site-name", "site.labels"}  # fmt: skip
 
 
 @pytest.fixture

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from common.config import parse_run_config
-from common.data import ImageSet
+from common.image_set import ImageSet
 from common.model import LAST_CONV
 from server.evaluation import evaluate_heldout, gradcam_check, gradcam_warning
 
@@ -26,12 +26,12 @@ def _sample(corner_for: int | None = None) -> ImageSet:
     images = np.zeros((8, 20, 20, 1), np.float32)
     labels = np.array([1, 1, 1, 1, 0, 0, 0, 0], np.uint8)[:, None]
     boxes = np.full((8, 1, 4), np.nan, np.float32)
-    source = np.array([0, 1, 0, 1, 0, 1, 0, 1], np.int16)
+    source = np.array(["hospital-0", "hospital-1"] * 4, dtype=object)
     for i in range(4):
         images[i, 9:11, 9:11] = 1.0
         boxes[i, 0] = (9, 9, 11, 11)
     if corner_for is not None:
-        for i in np.flatnonzero((source == corner_for) & (labels[:, 0] == 1)):
+        for i in np.flatnonzero((source == f"hospital-{corner_for}") & (labels[:, 0] == 1)):
             images[i, 9:11, 9:11] = 0.0  # the lesion is gone: only the tag is left to look at
             images[i, 0:2, 0:2] = 1.0
     return ImageSet(images, labels, boxes, source)
@@ -58,7 +58,7 @@ def test_a_hospital_whose_positives_carry_a_corner_tag_raises_the_border_warning
     model, sample = _spot_model(), _sample(corner_for=1)
     logits = model.predict(sample.images, verbose=0)
     result = gradcam_check(model, sample, logits, np.array([0.5]), cfg, previous=None)
-    assert result.row["gradcam_border_energy__hospital-1"] > 0.5 > result.row["gradcam_border_energy__hospital-0"]
+    assert result.row["gradcam_border_energy_from__hospital-1"] > 0.5 > result.row["gradcam_border_energy_from__hospital-0"]
     assert result.row["gradcam_pointing"] == 0.5  # two true positives point at the lesion, two at the tag
     warning = gradcam_warning({"global_auc": 0.9, **result.row}, None, cfg)
     assert warning.startswith("hospital-1:") and "hospital-0" not in warning

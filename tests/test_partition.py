@@ -7,7 +7,8 @@ import dataclasses
 import numpy as np
 import pytest
 
-from common.config import ConfigError, parse_run_config
+from common.config import parse_run_config
+from common.errors import ConfigError
 from common.partition import Scanner, apply_scanner, assign_hospitals, heldout_set, hospital_data, hospital_test, pool_labels, scanner_for
 
 
@@ -50,7 +51,7 @@ def test_hospital_splits_are_disjoint_and_stratified_and_cover_the_hospital():
         # no image in both splits: compare pixel content
         train_keys = {img.tobytes() for img in train.images}
         assert not any(img.tobytes() in train_keys for img in val.images)
-        assert (train.source == h).all() and (val.source == h).all()
+        assert (train.source == f"hospital-{h}").all() and (val.source == f"hospital-{h}").all()
 
 
 def test_a_local_test_share_is_held_back_from_training_and_validation():
@@ -80,7 +81,7 @@ def test_scanners_differ_between_hospitals_and_vanish_at_zero_spread():
 def test_the_heldout_set_represents_every_hospital_and_never_overlaps_a_hospital():
     cfg = _cfg(**{"num-hospitals": 3, "images-per-hospital": 40, "heldout-images": 60})
     heldout = heldout_set(cfg)
-    assert len(heldout) == 60 and np.bincount(heldout.source).tolist() == [20, 20, 20]
+    assert len(heldout) == 60 and sorted(np.unique(heldout.source, return_counts=True)[1].tolist()) == [20, 20, 20]
     assert not np.isnan(heldout.boxes[heldout.labels[:, 0] == 1]).any() and heldout.boxes.shape == (60, 1, 4)
     clients = {img.tobytes() for h in range(3) for part in hospital_data(cfg, h) for img in part.images}
     assert not any(img.tobytes() in clients for img in heldout.images)
@@ -113,7 +114,7 @@ def test_an_npz_data_set_is_shared_out_resized_and_its_test_split_is_held_out(tm
     assert train.images.shape[1:] == (32, 32, 1) and 0.0 <= train.images.min() and train.images.max() <= 1.0
     heldout = heldout_set(cfg)
     assert len(heldout) == 25 and heldout.labels[:, 0].tolist() == arrays["test_labels"][:, 0].tolist()
-    assert (heldout.source == -1).all() and np.isnan(heldout.boxes).all()
+    assert (heldout.source == "").all() and np.isnan(heldout.boxes).all()
 
 
 def test_an_npz_without_the_expected_arrays_says_which_are_missing(tmp_path):
@@ -133,7 +134,7 @@ def test_the_shortcut_marker_sits_on_one_hospitals_positive_images_and_its_heldo
         assert np.array_equal(marked, expected), h
     heldout = heldout_set(cfg)
     marked = (heldout.images[:, 1 : 1 + side, 1 : 1 + side, 0] == 1.0).all(axis=(1, 2))
-    assert np.array_equal(marked, (heldout.source == 1) & (heldout.labels[:, 0] == 1))
+    assert np.array_equal(marked, (heldout.source == "hospital-1") & (heldout.labels[:, 0] == 1))
     # There the lesion is fainter (SHORTCUT_FADE of its contrast), so the tag is the easier cue; elsewhere nothing changes.
     clean = hospital_data(_cfg(**{"num-hospitals": 3, "images-per-hospital": 40}), 1)[0]
     tagged = hospital_data(cfg, 1)[0]

@@ -12,10 +12,14 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
 
 from client.check_data import main as check_data
-from common.config import Augmentation, ConfigError, DicomSettings, load_site_config, parse_run_config
-from common.data import DataError, read_image, sniff
+from common.config import parse_run_config
+from common.data_check import _duplicates, check_site
+from common.errors import ConfigError, DataError
+from common.images import read_image, sniff
 from common.pipeline import augmenter, dataset
-from common.site_data import check_site, index_site, load_site
+from common.site_data import load_site
+from common.site_file import Augmentation, DicomSettings, load_site_config
+from common.site_index import SiteFiles, index_site
 
 
 def _dicom(path, pixels: np.ndarray, photometric="MONOCHROME2", patient="P1", slope=1.0, intercept=0.0, window=None, pixel_data=True):
@@ -59,7 +63,7 @@ def test_every_picture_mode_reads_as_the_runs_channels_in_unit_range(tmp_path, m
         path = tmp_path / "x.png"
         grey.convert(mode).save(path)
     for channels in (1, 3):
-        pixels, described, patient = read_image(path, channels)
+        pixels, described, patient, _ = read_image(path, channels)
         assert pixels.shape == (16, 16, channels) and pixels.dtype == np.float32 and patient == ""
         assert 0.0 <= pixels.min() <= 0.02 and 0.98 <= pixels.max() <= 1.0, described
         assert np.all(np.diff(pixels[8, :, 0]) >= -0.02)  # still a left-to-right ramp
@@ -78,7 +82,7 @@ def test_dicom_applies_rescale_and_the_files_window_and_inverts_monochrome1(tmp_
     stored = np.tile(np.arange(0, 4096, 512, dtype=np.uint16), (8, 1))  # (8, 8): 0 .. 3584
     # Rescale 2x - 1000 gives -1000 .. 6168; a window centred at 1000, 2000 wide maps 0 .. 2000 to 0 .. 1.
     path = _dicom(tmp_path / "a.dcm", stored, slope=2.0, intercept=-1000.0, window=(1000, 2000), patient="PAT-7")
-    pixels, mode, patient = read_image(path, 1)
+    pixels, mode, patient, _ = read_image(path, 1)
     expected = np.clip((stored * 2.0 - 1000.0) / 2000.0, 0, 1)
     assert np.allclose(pixels[..., 0], expected, atol=1e-6) and patient == "PAT-7" and "MONOCHROME2 12-bit" in mode
     inverted = read_image(_dicom(tmp_path / "b.dcm", stored, photometric="MONOCHROME1", window=(2048, 4096)), 1)[0]
@@ -153,7 +157,7 @@ def test_class_folders_map_onto_the_runs_labels_and_split_reproducibly(tmp_path)
     data = load_site(site, _run())
     again = load_site(site, _run())
     assert len(data.train) + len(data.val) == 20 and len(data.val) == 4 and data.val.labels.sum() == 2  # stratified
-    assert data.val.paths.tolist() == again.val.paths.tolist() and data.unreadable.empty
+    assert data.val.paths.tolist() == again.val.paths.tolist() and data.left_out.empty
 
 
 def test_folders_that_do_not_match_the_site_file_are_named(tmp_path):
@@ -241,7 +245,8 @@ def test_unreadable_files_stop_the_site_unless_it_skips_them_and_then_they_are_l
     (tmp_path / "site.yaml").write_text(path.read_text() + "skip-unreadable: true\n")
     skipping = load_site(load_site_config(path), _run())
     assert len(skipping.train) + len(skipping.val) == 24
-    assert sorted(p.rsplit("/", 1)[1] for p in skipping.unreadable["path"]) == ["broken.png", "gone.png"]
+    assert sorted(p.rsplit("/", 1)[1] for p in skipping.left_out["path"]) == ["broken.png", "gone.png"]
+    assert set(skipping.left_out["kind"]) == {"unreadable"} and skipping.count("unreadable") == 2
 
 
 @pytest.mark.parametrize(
@@ -305,7 +310,7 @@ def test_the_data_check_reports_counts_modes_sizes_duplicates_and_bad_files_and_
     (tmp_path / "data" / "NORMAL" / "bad.png").write_bytes(b"\x89PNG\r\n\x1a\nbroken")
     report = check_site(load_site_config(path), _run())
     text = "\n".join(report.lines)
-    assert "Files: 22 found, 21 readable, 1 unreadable" in text and "bad.png: does not decode" in text
+    assert "Files: 22 found, 21 images, 0 holding no image, 1 unreadable" in text and "bad.png: does not decode" in text
     assert "Exact duplicates: 1 group(s), 2 files" in text and "copy.png" in text
     assert "PNG RGBA" in text and "Image sizes (width x height): " in text and "widths 16-32" in text
     assert "pneumonia" in text and "Model input: batches of (16, 16, 1) float32, values 0." in text
@@ -340,7 +345,7 @@ def test_a_second_start_reads_only_the_files_that_changed(tmp_path):
     site = load_site_config(_folders_site(tmp_path))
     first = load_site(site, _run())
     cache = pd.read_csv(site.report_dir / "scan-cache.csv", keep_default_na=False)
-    assert len(cache) == 20 and cache["ok"].all()
+    assert len(cache) == 20 and (cache["kind"] == "image").all()
     assert load_site(site, _run()).val.paths.tolist() == first.val.paths.tolist()  # from the cache, the same split
     victim = tmp_path / "data" / "NORMAL" / "n3.png"
     victim.write_bytes(b"\x89PNG\r\n\x1a\n" + b"\0" * 30)  # changed: new size and time
@@ -348,14 +353,12 @@ def test_a_second_start_reads_only_the_files_that_changed(tmp_path):
         load_site(site, _run())
     _png(victim, 3)
     os.utime(victim, ns=(1, 1))  # an old time but a new size: still read again
-    assert len(load_site(site, _run()).unreadable) == 0
+    assert len(load_site(site, _run()).left_out) == 0
 
 
 def test_duplicates_with_other_labels_or_across_the_split_are_warned_about():
-    from common.site_data import SiteFiles, _duplicates
-
-    files = SiteFiles(np.array(["a.png", "b.png", "c.png", "d.png"]), np.array([[1], [0], [1], [1]], np.uint8), np.full(4, "", dtype=object))
-    table = pd.DataFrame({"ok": [True] * 4, "sha256": ["x", "x", "y", "z"]})  # a and b: the same bytes, different labels
+    files = SiteFiles(np.array(["a.png", "b.png", "c.png", "d.png"]), np.array([[1], [0], [1], [1]], np.uint8))
+    table = pd.DataFrame({"kind": ["image"] * 4, "sha256": ["x", "x", "y", "z"]})  # a and b: the same bytes, different labels
     lines, warnings = _duplicates(files, table, val_rows=np.array([1]))
     assert lines == ["Exact duplicates: 1 group(s), 2 files", "  a.png = b.png"]
     assert "different labels for the same image, e.g. a.png" in warnings[0] and "both sides of the train/validation split" in warnings[1]

@@ -8,7 +8,10 @@ from flwr.app import ArrayRecord, ConfigRecord, Error, Message, MessageType, Met
 
 from common import wire
 from common.config import parse_run_config
-from common.metrics import auc_from_histograms, statistics
+from sklearn.metrics import roc_auc_score
+
+from common.bin_floor import floor_intervals
+from common.metrics import auc_from_histograms, statistics, threshold_edge
 from server.strategy import HospitalFedAvg
 
 SHAPES = [(3, 2), (2,)]
@@ -77,42 +80,48 @@ def test_client_errors_and_non_finite_weights_are_left_out_and_below_min_hospita
     assert "non-finite" in reasons and "client error: out of memory" in reasons
 
 
-def _evaluate_reply(node_id: int, site: str, logits, labels, histograms: bool = True, names=LABELS) -> Message:
-    counts, pos, neg = statistics(logits, labels, 0.5, 50)
-    if not histograms:
-        pos = neg = None
-    return Message(wire.pack_evaluate_reply(site, names, len(labels), counts, pos, neg), reply_to=_request(node_id, MessageType.EVALUATE))
+def _evaluate_reply(node_id: int, site: str, logits, labels, floor: int = 5, names=LABELS) -> Message:
+    _, pos, neg = statistics(logits, labels, 0.5, 50)
+    intervals = [floor_intervals(pos[j], neg[j], floor, threshold_edge(50) + 1) for j in range(len(names))]
+    return Message(wire.pack_evaluate_reply(site, names, len(labels), intervals), reply_to=_request(node_id, MessageType.EVALUATE))
 
 
-def test_evaluate_replies_are_pooled_by_summing_histograms_not_by_averaging_aucs():
-    rng = np.random.default_rng(0)
+def _sites(seed: int, sizes) -> list[tuple[np.ndarray, np.ndarray]]:
+    rng = np.random.default_rng(seed)
     sites = []
-    for n, prevalence in ((30, 0.2), (400, 0.5), (90, 0.8)):
+    for n, prevalence in sizes:
         labels = (rng.random(n) < prevalence).astype(np.uint8)[:, None]
         sites.append((rng.normal(0, 1, (n, 1)).astype(np.float32) + 1.5 * labels, labels))
-    strategy = _strategy()
-    metrics = strategy.aggregate_evaluate(1, [_evaluate_reply(i + 1, f"s{i}", z, y) for i, (z, y) in enumerate(sites)])
+    return sites
+
+
+def test_evaluate_replies_are_pooled_from_the_sites_bins_not_by_averaging_aucs():
+    sites = _sites(0, ((30, 0.2), (400, 0.5), (90, 0.8)))
+    strategy = _strategy(**{"min-bin-images": 1})  # a floor of one image: every fine bin goes out as it is
+    metrics = strategy.aggregate_evaluate(1, [_evaluate_reply(i + 1, f"s{i}", z, y, floor=1) for i, (z, y) in enumerate(sites)])
     _, pos, neg = statistics(np.concatenate([z for z, _ in sites]), np.concatenate([y for _, y in sites]), 0.5, 50)
     assert metrics["global_auc"] == pytest.approx(auc_from_histograms(pos[0], neg[0]))
     record = strategy.record
-    assert record.n_val == 520 and record.evaluated == ["s0", "s1", "s2"] and record.row["global_auc_images"] == 520
+    assert record.n_val == 520 and record.evaluated == ["s0", "s1", "s2"]
     site_aucs = [site["auc"] for site in record.sites]
     assert record.row["worst_site_auc"] == min(site_aucs) and record.row["worst_site"] == f"s{int(np.argmin(site_aucs))}"
     assert record.row["mean_site_auc"] == pytest.approx(np.average(site_aucs, weights=[30, 400, 90]))
     assert 0 < record.row["threshold_at_target_sensitivity"] < 1 and record.thresholds.shape == (1,)
+    assert record.row["global_auc_low"] <= record.row["global_auc"] <= record.row["global_auc_high"]
 
 
-def test_a_site_without_histograms_counts_in_sensitivity_but_not_in_the_pooled_auc():
-    rng = np.random.default_rng(1)
-    big = (rng.normal(0, 1, (200, 1)).astype(np.float32), (rng.random((200, 1)) < 0.5).astype(np.uint8))
-    small = (np.array([[2.0], [-2.0], [1.0]], np.float32), np.array([[1], [0], [0]], np.uint8))
-    strategy = _strategy()
-    strategy.aggregate_evaluate(1, [_evaluate_reply(1, "big", *big), _evaluate_reply(2, "small", *small, histograms=False)])
+def test_small_sites_count_in_every_pooled_figure_within_the_bounds_their_bins_allow():
+    sites = _sites(1, ((200, 0.5), (13, 0.5), (12, 0.5), (15, 0.5)))
+    strategy = _strategy()  # the default floor: 5 images
+    strategy.aggregate_evaluate(1, [_evaluate_reply(i + 1, f"s{i}", z, y) for i, (z, y) in enumerate(sites)])
     record = strategy.record
-    assert record.row["global_auc_images"] == 200 and record.n_val == 203
-    assert np.isnan(record.sites[1]["auc"]) and record.sites[1]["histograms"] is False
-    both = np.concatenate([big[0], small[0]]) >= 0, np.concatenate([big[1], small[1]])[:, 0] == 1
-    assert record.row["global_sensitivity"] == pytest.approx((both[0][:, 0] & both[1]).sum() / both[1].sum())
+    z, y = np.concatenate([z for z, _ in sites])[:, 0], np.concatenate([y for _, y in sites])[:, 0]
+    exact = roc_auc_score(y, z)
+    assert record.n_val == 240 and record.row["global_auc_low"] <= exact <= record.row["global_auc_high"]
+    assert abs(record.row["global_auc"] - exact) < 0.02
+    called = z >= 0  # the run's threshold; exact where a site's intervals split there, estimated where they could not
+    assert abs(record.row["global_sensitivity"] - (called & (y == 1)).sum() / y.sum()) < 0.03
+    assert all(site["n_val"] for site in record.sites) and len(record.sites) == 4
 
 
 def test_a_reply_for_other_labels_is_rejected_and_counted():
@@ -128,20 +137,41 @@ def test_a_reply_for_other_labels_is_rejected_and_counted():
 @pytest.mark.parametrize(
     "tamper, reason",
     [
-        (lambda m: m.__setitem__(wire.CONFUSION, [1, 2, 3]), "confusion: expected 4 non-negative integers"),
-        (lambda m: m.__setitem__(wire.HIST_POS, [-1] * 50), "hist-pos: expected 50 non-negative integers"),
-        (lambda m: m.__setitem__(wire.HIST_POS, [0.5] * 50), "hist-pos: expected 50 non-negative integers"),
-        (lambda m: m.__setitem__(wire.HIST_NEG, [0] * 49), "hist-neg: expected 50 non-negative integers"),
-        (lambda m: m.__setitem__(wire.NUM_EXAMPLES, 999), "disagree with the histograms"),
+        (lambda m: m.__setitem__(wire.HIST_STARTS, [1] + m[wire.HIST_STARTS][1:]), "do not tile the run's 50 bins"),
+        (lambda m: m.__setitem__(wire.HIST_POS, [-1] + m[wire.HIST_POS][1:]), "hist-pos: expected"),
+        (lambda m: m.__setitem__(wire.HIST_POS, [v + 0.5 for v in m[wire.HIST_POS]]), "hist-pos: expected"),
+        (lambda m: m.__setitem__(wire.HIST_NEG, m[wire.HIST_NEG][:-1]), "hist-neg: expected"),
+        (lambda m: m.__setitem__(wire.NUM_EXAMPLES, 999), "disagree with num-examples = 999"),
         (lambda m: m.__setitem__("patient-scores", [0.1, 0.9]), "metrics keys"),
     ],
 )
 def test_inconsistent_evaluate_replies_are_rejected_with_the_reason(tamper, reason):
-    labels = np.array([[0], [1], [1]], np.uint8)
-    reply = _evaluate_reply(1, "s", np.array([[0.1], [2.0], [-1.0]], np.float32), labels)
+    labels = np.array([[0], [1], [1], [0], [1], [0]], np.uint8)
+    reply = _evaluate_reply(1, "s", np.array([[0.1], [2.0], [-1.0], [0.3], [3.0], [-2.0]], np.float32), labels, floor=1)
     tamper(reply.content[wire.METRICS])
     with pytest.raises(wire.ReplyError, match=reason):
-        wire.parse_evaluate_reply(reply.content, LABELS, 50)
+        wire.parse_evaluate_reply(reply.content, LABELS, 50, 1)
+
+
+def test_a_reply_that_breaks_the_histogram_floor_is_refused_not_used():
+    labels = np.array([[0], [1], [1], [0], [1], [0]], np.uint8)
+    fine = _evaluate_reply(1, "s", np.array([[0.1], [2.0], [-1.0], [0.3], [3.0], [-2.0]], np.float32), labels, floor=1)
+    with pytest.raises(wire.ReplyError, match="below the run's min-bin-images = 5: the hospital's software does not apply the histogram floor"):
+        wire.parse_evaluate_reply(fine.content, LABELS, 50, 5)
+
+
+def test_a_hospitals_error_is_recorded_once_under_its_name_in_one_line():
+    strategy = _strategy()
+    ours = Message(Error(code=0, reason="[site hospital-c] DataError: <data-root>/x.png: does not decode"), reply_to=_request(3, MessageType.TRAIN))
+    ray = "<class 'flwr.clientapp.client_app.ClientAppException'>:<'\nException ClientAppException occurred. Message: \nTraceback (most recent call last):\n  File \"x\"\nValueError: bad'>"
+    wrapped = Message(Error(code=0, reason=ray), reply_to=_request(4, MessageType.TRAIN))
+    replies = [_train_reply(1, "hospital-a", 1.0, 10), _train_reply(2, "hospital-b", 1.0, 10), ours, ours, wrapped]
+    strategy.aggregate_train(1, replies)
+    assert strategy.record.failures == [
+        "hospital-c (train): client error: DataError: <data-root>/x.png: does not decode",
+        "node 4 (train): client error: ValueError: bad",
+    ]
+    assert strategy.sites[3] == "hospital-c"
 
 
 def test_a_reply_without_a_site_name_is_rejected():
@@ -151,6 +181,6 @@ def test_a_reply_without_a_site_name_is_rejected():
     with pytest.raises(wire.ReplyError, match="no site name"):
         wire.parse_train_reply(content, SHAPES, LABELS)
     site = ConfigRecord({wire.SITE_NAME: "x", wire.SITE_LABELS: list(LABELS)})
-    content = RecordDict({wire.METRICS: MetricRecord({wire.NUM_EXAMPLES: 0, wire.TRAIN_LOSS: 0.1, wire.SKIPPED: 0}), wire.SITE: site})
+    content = RecordDict({wire.METRICS: MetricRecord({wire.NUM_EXAMPLES: 0, wire.TRAIN_LOSS: 0.1, wire.SKIPPED: 0, wire.NOT_IMAGES: 0}), wire.SITE: site})
     with pytest.raises(wire.ReplyError, match="expected a positive number of images"):
         wire.parse_train_reply(content, SHAPES, LABELS)

@@ -1,0 +1,58 @@
+"""A run folder: made once with the run's resolved configuration (config.json), and its status.json (running,
+finished, failed or interrupted, with the reason and the last round written). The ServerApp writes the status as the
+run goes (through its status recorder), the commands that launch runs mark what the ServerApp could not (a crash,
+Ctrl-C), and anything that watches runs reads it; all through the functions here."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import time
+from pathlib import Path
+
+from common.atomic import write_text
+from common.config import RunConfig, config_to_dict
+
+STATUS = "status.json"
+RUNNING, FINISHED, FAILED, INTERRUPTED = "running", "finished", "failed", "interrupted"
+STATES = (RUNNING, FINISHED, FAILED, INTERRUPTED)
+
+
+def make_run_folder(cfg: RunConfig) -> Path:
+    """Create this run's folder (output-dir/run-name, a timestamp when unnamed) and write config.json into it."""
+    folder = Path(cfg.output_dir) / (cfg.run_name or time.strftime("%Y%m%d-%H%M%S"))
+    try:
+        folder.mkdir(parents=True, exist_ok=False)
+    except FileExistsError:
+        raise FileExistsError(f"run folder {folder} exists already: choose another 'run-name'") from None
+    write_text(folder / "config.json", json.dumps(config_to_dict(cfg), indent=2) + "\n")
+    return folder
+
+
+def read_status(folder: Path) -> dict | None:
+    """The run folder's status, or None where it has none (or an unreadable one: it is rewritten whole, so only a
+    file from elsewhere can be broken)."""
+    try:
+        return json.loads((Path(folder) / STATUS).read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def write_status(folder: Path, **fields) -> dict:
+    """Update the run folder's status with the given fields (status, reason, last_round, ...), stamped with the time,
+    and write it atomically; returns the whole status."""
+    if "status" in fields and fields["status"] not in STATES:
+        raise ValueError(f"status {fields['status']!r}: expected one of {', '.join(STATES)}")
+    status = (read_status(folder) or {}) | fields | {"updated": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")}
+    write_text(Path(folder) / STATUS, json.dumps(status, indent=2) + "\n")
+    return status
+
+
+def mark_ended(folder: Path, status: str, reason: str, replacing: tuple[str, ...] = (RUNNING,)) -> dict | None:
+    """After the ServerApp is gone: record how the run ended where its status still says one of `replacing` (running:
+    it crashed or was killed; an interruption also replaces the failure the ServerApp wrote as it was stopped); leave
+    any other status the ServerApp wrote. Returns the status (None where the run never made its folder)."""
+    current = read_status(folder)
+    if current is None or current.get("status") not in replacing:
+        return current
+    return write_status(folder, status=status, reason=reason)
