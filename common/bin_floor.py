@@ -2,16 +2,19 @@
 
 The rule, applied at the hospital (client/training.py, in its own process or long-lived worker):
 
-    Every score interval a hospital reports is a node of a bin tree fixed before the run (its boundaries are the run's
-    bin edges, split first at the run's threshold, then halved), and every non-empty interval holds at least k of the
-    hospital's validation images (k = min-bin-images). Nothing else about its scores leaves: not an individual score,
-    not a count of fewer than k images in any interval, not the confusion counts (they follow from the intervals
-    beside the threshold). Only the numbers of positives and negatives are sent as they are (a hospital with fewer
-    than 2k images may therefore send one interval over every bin, which says no more than those numbers).
+    Every score interval a hospital reports holds no image or at least k of its validation images (k =
+    min-bin-images), and its boundaries are cut points fixed by the run's bins, never placed at an image's score.
+    Nothing else about its scores leaves: not an individual score, not a count of fewer than k images in any interval,
+    not the confusion counts (they follow from the intervals beside the threshold). Only the numbers of positives and
+    negatives are sent as they are (a hospital with fewer than 2k images therefore sends one interval over every bin,
+    which says no more than those numbers).
 
-A hospital walks the tree from the root and splits an interval in two only where each half holds no image or at
-least k images, so a large site's intervals are the run's fine bins where its scores crowd, and a small site's are a
-few wide ones. Adjacent empty intervals are merged (that says nothing more).
+A hospital starts from one interval over every bin and cuts an interval in two only where each part holds no image
+or at least k images, trying the cut points in a fixed order (the run's threshold first, then the interval's half,
+quarters and eighths), and cuts each part again the same way. A large site's intervals end as the run's fine bins
+where its scores crowd, a small site's as a few wide ones. Adjacent empty intervals are merged (that says nothing
+more). That a cut was not made says that one part would have held between 1 and k - 1 images; no count below k is
+ever sent.
 
 The server keeps each site's intervals apart: it checks them against the images the site validated on, can leave any
 site out of a sum, and pools them by the self-consistency estimate for interval-censored counts (Turnbull 1976):
@@ -60,21 +63,33 @@ class Intervals:
         return bool(((self.pos > 0).any() and (self.neg > 0).any()) and len(np.flatnonzero((self.pos + self.neg) > 0)) > 1)
 
 
+SPLITS = (1 / 2, 1 / 4, 3 / 4, 1 / 8, 3 / 8, 5 / 8, 7 / 8)  # where an interval may be cut, in the order they are tried
+
+
+def candidates(lo: int, hi: int) -> list[int]:
+    """The bins at which the interval [lo, hi) may be cut, in the order they are tried: fixed by the interval alone."""
+    return list(dict.fromkeys(b for b in (lo + round((hi - lo) * f) for f in SPLITS) if lo < b < hi))
+
+
 def floor_intervals(pos: np.ndarray, neg: np.ndarray, k: int, root_split: int) -> Intervals:
-    """One label's fine histograms (n_bins,) as the tree intervals the floor allows (see the module's docstring);
-    root_split is the first bin above the run's threshold."""
+    """One label's fine histograms (n_bins,) as the intervals the floor allows (see the module's docstring);
+    root_split is the first bin above the run's threshold, the first cut tried."""
     count = np.concatenate([[0], np.cumsum(pos + neg)])  # count[b] = images in bins below b
     n_bins = len(pos)
 
     def held(lo: int, hi: int) -> int:
         return int(count[hi] - count[lo])
 
-    def visit(lo: int, hi: int, split: int) -> list[int]:
-        if hi - lo > 1 and 0 < split - lo and split < hi and all(held(a, b) == 0 or held(a, b) >= k for a, b in ((lo, split), (split, hi))):
-            return visit(lo, split, (lo + split) // 2) + visit(split, hi, (split + hi) // 2)
-        return [lo]
+    def keeps_floor(lo: int, cut: int, hi: int) -> bool:
+        return all(held(a, b) == 0 or held(a, b) >= k for a, b in ((lo, cut), (cut, hi)))
 
-    starts = visit(0, n_bins, root_split)
+    def visit(lo: int, hi: int, first: list[int]) -> list[int]:
+        if held(lo, hi) == 0:
+            return [lo]
+        cut = next((c for c in first + candidates(lo, hi) if lo < c < hi and keeps_floor(lo, c, hi)), None)
+        return [lo] if cut is None else visit(lo, cut, []) + visit(cut, hi, [])
+
+    starts = visit(0, n_bins, [root_split])
     bounds = starts + [n_bins]
     kept = [s for i, s in enumerate(starts) if i == 0 or held(s, bounds[i + 1]) or held(bounds[i - 1], s)]  # merge empty runs
     kept = np.array(kept, np.int64)

@@ -58,8 +58,8 @@ def _elements_in_order(head: bytes, explicit: bool, wanted: int = 3) -> bool:
                 length, offset = struct.unpack_from("<H", head, offset + 6)[0], offset + 8
         else:
             length, offset = struct.unpack_from("<I", head, offset + 4)[0], offset + 8
-        if length == 0xFFFFFFFF:  # a sequence of undefined length: the walk stops here
-            return True
+        if length == 0xFFFFFFFF:  # a sequence of undefined length (never the first element): the walk stops here
+            return seen >= 1
         if length % 2 or length > 0x10000:
             return False
         offset, previous, seen = offset + length, (group, element), seen + 1

@@ -159,19 +159,28 @@ def plot_round(
         ax_sites.barh(names, np.nan_to_num(aucs, nan=0.0), color="tab:blue")
         for y, (auc, site) in enumerate(zip(aucs, sites)):
             text = f"{auc:.3f}" if not np.isnan(auc) else f"not available: {site.get('note', '').split(': ', 2)[-1] or 'undefined'}"
-            ax_sites.text(0.405 if np.isnan(auc) else min(auc, 0.99) + 0.003, y, text, va="center", fontsize=8, color="dimgrey")
+            ax_sites.text(0.405 if np.isnan(auc) else max(auc, 0.4) + 0.004, y, text, va="center", fontsize=8, color="dimgrey")
     else:
         _note(ax_sites, "no hospital validated this round")
-    ax_sites.set(title="each site's own validation AUC", xlim=(0.4, 1.05), xlabel="AUC")
+    ax_sites.set(title="each site's own validation AUC", xlim=(0.4, 1.07), xlabel="AUC", xticks=np.arange(0.4, 1.01, 0.1))
     fig.suptitle(title)
     _save(fig, path, 90)
 
 
+def threshold_digits(threshold: float) -> int:
+    """Decimals that show a threshold as what it is: at least 2, and enough that it does not round to 0 or 1."""
+    digits = 2
+    while digits < 7 and not 0 < round(threshold, digits) < 1:
+        digits += 1
+    return digits
+
+
 def describe_call(probability: float, threshold: float) -> str:
-    """'p = 0.83 >= 0.50' or 'p = 0.99937 < 0.99950': both with as many decimals as it takes for the shown numbers
-    to agree with the call (rounding never makes a probability below the threshold look equal to it or above it)."""
+    """'p = 0.83 >= 0.50' or 'p = 0.99937 < 0.99950': both with as many decimals as it takes for the threshold to show
+    as itself and for the shown numbers to agree with the call (rounding never makes a probability below the
+    threshold look equal to it or above it)."""
     called = probability >= threshold
-    for digits in range(2, 8):
+    for digits in range(threshold_digits(threshold), 8):
         p, t = round(probability, digits), round(threshold, digits)
         if (p >= t) == called and p != t:
             break
@@ -232,5 +241,5 @@ def save_gradcam_pictures(
         _note(axes.flat[0], "no image of the sample is a true positive, false negative or false positive")
     _colour_scale(fig, axes)
     legend = "green box: the lesion's true outline; " if boxed else ""
-    fig.suptitle(f"{title}\nshown: {counts}; {legend}called positive at p >= {threshold:g}", fontsize=10)
+    fig.suptitle(f"{title}\nshown: {counts}; {legend}called positive at p >= {threshold:.{threshold_digits(threshold)}f}", fontsize=10)
     _save(fig, folder / "grid.png", 80)

@@ -11,6 +11,7 @@ every round ran; 1 when the run failed (the reason is said); 2 on bad settings o
 from __future__ import annotations
 
 import argparse
+import os
 import shutil
 import signal
 import subprocess
@@ -75,9 +76,12 @@ def simulate(cfg: RunConfig) -> Path:
     """Run the simulation to its end; returns the run folder, or raises RunFailed saying why."""
     folder = Path(cfg.output_dir) / cfg.run_name
     print(f"fedimaging: simulating {cfg.num_hospitals} hospitals for {cfg.num_server_rounds} rounds; run folder {folder}", flush=True)
-    with tempfile.TemporaryDirectory(prefix="flwr-home-") as home:
+    # Ray keeps Unix sockets in its temporary folder, whose paths may not exceed 107 bytes: a short folder of this run's
+    # own (a long TMPDIR broke Ray's start, and two runs never share a session folder).
+    short = "/tmp" if os.access("/tmp", os.W_OK) else None
+    with tempfile.TemporaryDirectory(prefix="flwr-home-") as home, tempfile.TemporaryDirectory(prefix="fi-ray-", dir=short) as ray_tmp:
         flwr_home = Path(home)
-        env = flower_env(flwr_home)
+        env = {**flower_env(flwr_home), "RAY_TMPDIR": ray_tmp}
         settings = flwr_home / "run-config.toml"
         write_run_config(settings, cfg)
         superlink, port = start_superlink(flwr_home, env, ["--insecure", "--simulation", "--isolation", "subprocess"])

@@ -194,3 +194,53 @@ def test_the_superlink_start_command_serves_tls_with_the_checked_certificates(ce
         for p in procs:
             p.terminate()
         psutil.wait_procs(procs, timeout=15)
+
+
+def test_the_rehearsal_runs_the_hospitals_site_files_it_is_given(tmp_path, capsys, own_flower_processes):
+    """`sites=` and `heldout-site=` as a user passes them: each site file becomes a hospital (its own name, its own
+    report folder), the held-out set is that site; nothing is ignored."""
+    demo = parse_run_config({**project_settings(), "num-hospitals": 2, "images-per-hospital": 40, "heldout-images": 20, "image-size": 32})
+    *site_files, heldout = write_demo_sites(demo, tmp_path / "mine")
+    for path, name in zip(site_files, ("st-anne", "riverside")):
+        path.write_text(path.read_text().replace(f"name: {path.stem}", f"name: {name}"))
+    code = rehearse.main([
+        "--rounds", "1", "--workdir", str(tmp_path / "work"),
+        "-c", f"sites='{site_files[0]},{site_files[1]}' heldout-site='{heldout}' run-name='mine'",
+    ])  # fmt: skip
+    out = capsys.readouterr()
+    assert code == 0, out.err[-3000:]
+    assert not own_flower_processes()
+    assert "data check: site 'st-anne' ready" in out.out and "data check: site 'riverside' ready" in out.out
+    folder = tmp_path / "work" / "runs" / "mine"
+    assert sorted(pd.read_csv(folder / "sites.csv")["site"]) == ["riverside", "st-anne"]
+    assert pd.read_csv(folder / "history.csv")["heldout_n"].iloc[0] == 20  # the held-out site given, not the demo's 60
+    for name in ("st-anne", "riverside"):  # the hospitals read their own site files: their reports are beside them
+        assert (tmp_path / "mine" / "reports" / name / "audit.jsonl").is_file()
+
+
+def test_a_rehearsal_whose_hospitals_cannot_train_fails_naming_each(tmp_path, capsys, own_flower_processes):
+    demo = parse_run_config({**project_settings(), "num-hospitals": 2, "images-per-hospital": 30, "heldout-images": 20, "image-size": 32})
+    *site_files, heldout = write_demo_sites(demo, tmp_path / "broken")
+    for name in ("hospital-0", "hospital-1"):
+        (tmp_path / "broken" / name / "lesion" / "corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"\0" * 40)
+    overrides = f"sites='{site_files[0]},{site_files[1]}' heldout-site='{heldout}'"
+    assert rehearse.main(["--rounds", "1", "--workdir", str(tmp_path / "checked"), "-c", overrides]) == 2  # the data check
+    err = capsys.readouterr().err
+    assert "site 'hospital-0'" in err and "site 'hospital-1'" in err and "NOT READY" in err
+    # Past the check (the files broke afterwards), the run fails at round 1 and names each hospital once.
+    certs = rehearse.make_certificates(tmp_path, ["hospital-0", "hospital-1"])
+    cfg = rehearse.rehearsal_config(tmp_path, heldout, hospitals=2, rounds=2, overrides={"run-name": "broken"})
+    with rehearse.federation(tmp_path) as fed:
+        for name, site_file in zip(("hospital-0", "hospital-1"), site_files):
+            rehearse.register(fed, certs / "hospitals" / f"{name}.pub")
+            rehearse.start_supernode(fed, site_file, certs / "hospitals" / name, name)
+        with pytest.raises(rehearse.RunFailed) as failed:
+            rehearse.run(fed, cfg)
+    assert not own_flower_processes()
+    reason = str(failed.value)
+    assert reason.startswith("round 1: 0 valid training update(s), fewer than min-hospitals = 2")
+    for name in ("hospital-0", "hospital-1"):
+        assert f"{name} (train): client error: DataError: site '{name}': 1 file(s) cannot be read: <data-root>/lesion/corrupt.png" in reason
+    history = pd.read_csv(tmp_path / "runs" / "broken" / "history.csv")
+    assert history["round"].tolist() == [0, 1] and history.loc[1, "n_failed"] == 2
+    assert json.loads((tmp_path / "runs" / "broken" / "status.json").read_text())["status"] == "failed"

@@ -82,3 +82,45 @@ def test_a_heldout_set_without_positives_leaves_localisation_undefined_and_the_r
     result = gradcam_check(model, negatives, held.logits, np.array([0.5]), cfg, previous=None)
     assert np.isnan(result.row["gradcam_pointing"]) and result.row["gradcam_true_positives"] == 0
     assert np.isnan(result.row["gradcam_energy_in_box"]) and result.row["gradcam_zero_maps"] == 4  # nothing bright: every map all-zero, and counted
+
+
+def _write_heldout_site(folder, tag_source: str | None, sources: bool):
+    """The sample's images as a held-out site on disk: class folders, with a sub-folder per source hospital if asked;
+    the positives of tag_source carry a bright corner tag instead of their lesion."""
+    from PIL import Image
+
+    sample = _sample()
+    for i, (image, label, source) in enumerate(zip(sample.images, sample.labels[:, 0], sample.source)):
+        pixels = image[..., 0].copy()
+        if label and source == tag_source:
+            pixels[9:11, 9:11], pixels[0:2, 0:2] = 0.0, 1.0
+        where = folder / "data" / ("lesion" if label else "clear") / (source if sources else "")
+        where.mkdir(parents=True, exist_ok=True)
+        Image.fromarray((pixels * 255).astype(np.uint8), "L").save(where / f"{i}.png")
+    extra = "source-subfolders: true\n" if sources else ""
+    (folder / "heldout.yaml").write_text(f"name: heldout\ndata-root: data\nlayout: folders\nlabels: {{lesion: lesion}}\nnegative-folders: [clear]\n{extra}")
+    return folder / "heldout.yaml"
+
+
+@pytest.mark.parametrize("sources", [True, False])
+def test_a_shortcut_in_a_site_file_heldout_set_is_caught_named_where_the_source_is_known(tmp_path, sources):
+    """Held-out images read from a site file: where the file names each image's hospital the warning names it, where it
+    does not, the overall border energy still raises it; the same images without the tag raise nothing."""
+    from common.site_data import heldout_from_site
+    from common.site_file import load_site_config
+
+    cfg = parse_run_config({"image-size": 20, "gradcam-border-threshold": 0.4, "heldout-site": str(_write_heldout_site(tmp_path / "tagged", "hospital-1", sources))})
+    model = _spot_model()
+    for folder, tagged in ((tmp_path / "tagged", True), (tmp_path / "clean", False)):
+        path = folder / "heldout.yaml" if tagged else _write_heldout_site(folder, None, sources)
+        held = heldout_from_site(load_site_config(path), cfg)
+        assert (held.source != "").all() == sources
+        logits = model.predict(held.images, verbose=0)
+        result = gradcam_check(model, held, logits, np.array([0.5]), cfg, previous=None)
+        warning = gradcam_warning({"global_auc": 0.9, **result.row}, None, cfg)
+        if not tagged:
+            assert warning == "" and result.row["gradcam_border_energy"] < 0.4
+        elif sources:
+            assert "hospital-1: " in warning and "hospital-0" not in warning
+        else:
+            assert warning.startswith("held-out images called positive: ") and "(threshold 0.4)" in warning

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import shutil
+import subprocess
+import sys
 
 import keras
 import numpy as np
@@ -131,19 +134,26 @@ def test_a_simulation_of_sites_on_disk_reads_their_folders_and_counts_what_they_
     hospital_0, hospital_1, heldout = write_demo_sites(demo, tmp_path / "sites", mixed=True)
     (tmp_path / "sites" / "hospital-1" / "lesion" / "corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"\0" * 40)
     hospital_1.write_text(hospital_1.read_text() + "skip-unreadable: true\n")
+    copied = sorted((tmp_path / "sites" / "heldout" / "lesion").iterdir())[3]  # a held-out image the hospital also holds
+    shutil.copy(copied, tmp_path / "sites" / "hospital-0" / "lesion" / f"also_{copied.name}")
     settings = (
         f"sites='{hospital_0},{hospital_1}' heldout-site='{heldout}' num-server-rounds=2 image-size=32 min-hospitals=2 "
-        f"gradcam-images=8 output-dir='{tmp_path}' run-name='run'"
+        f"gradcam-images=8 heldout-overlap=exclude output-dir='{tmp_path}' run-name='run'"
     )
     assert simulate.main(["-c", settings]) == 0, capfd.readouterr().err
+    out = capfd.readouterr().out
     assert not own_flower_processes()
+    assert "data check: site 'hospital-1' ready; 1 warning(s): 1 unreadable file(s) will be skipped" in out
+    assert "hospital-0 holds 1 of the 30 held-out images" in out and "hospital-1 holds 0 of the 30 held-out images" in out
     folder = tmp_path / "run"
+    overlap = pd.read_csv(folder / "overlap.csv", dtype={"heldout_rows": str}).set_index("site")
+    assert overlap["count"].to_dict() == {"hospital-0": 1, "hospital-1": 0}  # found without any image leaving
     history = pd.read_csv(folder / "history.csv")
     assert history["n_sites"].iloc[1:].tolist() == [2, 2] and history["n_failed"].tolist() == [0, 0, 0]
-    assert history["heldout_auc"].between(0, 1).all()
+    assert history["heldout_auc"].between(0, 1).all() and history["heldout_n"].tolist() == [29, 29, 29]  # the copy is left out
     sites = pd.read_csv(folder / "sites.csv")
     assert sites.groupby("site")["skipped_files"].max().to_dict() == {"hospital-0": 0, "hospital-1": 1}
-    assert sites.groupby("site")["n_train"].first().sum() + sites.groupby("site")["n_val"].first().sum() == 120  # every readable image
+    assert sites.groupby("site")["n_train"].first().sum() + sites.groupby("site")["n_val"].first().sum() == 121  # every readable image
     own = tmp_path / "sites" / "reports" / "hospital-1"  # a site file's reports stay with the site, not in the server's run folder
     assert (own / "audit.jsonl").is_file() and pd.read_csv(own / "report.csv")["round"].tolist() == [1, 2]
     skipped = pd.read_csv(own / "left_out.csv")
@@ -160,3 +170,97 @@ def test_a_site_file_that_does_not_cover_the_runs_labels_stops_the_simulation_be
     code = simulate.main(["-c", f"sites='{hospital_0},{hospital_1}' labels='nodule' output-dir='{tmp_path / 'runs'}'"])
     assert code == 2 and "'labels' maps 'lesion', which the run does not have; the run's labels: nodule" in capfd.readouterr().err
     assert not (tmp_path / "runs").exists()
+
+
+def _broken_sites(tmp_path):
+    """Two demo hospitals, each with a file that does not decode and no leave to skip it."""
+    from common.config import parse_run_config
+    from common.demo_sites import write_demo_sites
+
+    demo = parse_run_config({"num-hospitals": 2, "images-per-hospital": 30, "heldout-images": 20, "image-size": 16})
+    hospital_0, hospital_1, heldout = write_demo_sites(demo, tmp_path / "sites")
+    for name in ("hospital-0", "hospital-1"):
+        (tmp_path / "sites" / name / "lesion" / "corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"\0" * 40)
+    return hospital_0, hospital_1, heldout
+
+
+def test_a_run_in_which_no_hospital_can_train_fails_naming_each_hospital_and_why(tmp_path, capfd, own_flower_processes):
+    hospital_0, hospital_1, heldout = _broken_sites(tmp_path)
+    settings = f"sites='{hospital_0},{hospital_1}' heldout-site='{heldout}' num-server-rounds=3 image-size=16 output-dir='{tmp_path / 'runs'}'"
+    # The launcher's data check stops it before anything starts, naming both sites.
+    assert simulate.main(["-c", settings + " run-name='checked'"]) == 2
+    err = capfd.readouterr().err
+    assert "site 'hospital-0'" in err and "site 'hospital-1'" in err and "NOT READY: 1 unreadable file(s)" in err
+    assert not (tmp_path / "runs" / "checked").exists()
+    # Past that check (files that broke after it), the run itself fails at round 1 and stops there: no model nobody trained.
+    cfg = simulate.prepare(simulate.parse_overrides([settings + " run-name='run'"]))
+    with pytest.raises(simulate.RunFailed) as failed:
+        simulate.simulate(cfg)
+    out = capfd.readouterr().out
+    assert not own_flower_processes()
+    reason = str(failed.value)
+    assert reason.startswith("round 1: 0 valid training update(s), fewer than min-hospitals = 2; the run stops here")
+    for name in ("hospital-0", "hospital-1"):
+        line = f"{name} (train): client error: DataError: site '{name}': 1 file(s) cannot be read: <data-root>/lesion/corrupt.png: does not decode"
+        assert line in reason and f"[fedimaging]   failed: {line}" in out
+    assert "Traceback" not in reason and "ClientAppException" not in out
+    folder = tmp_path / "runs" / "run"
+    history = pd.read_csv(folder / "history.csv")
+    assert history["round"].tolist() == [0, 1] and history.loc[1, "n_failed"] == 2 and history.loc[1, "n_sites"] == 0
+    assert "global_auc: no model was trained this round" in history.loc[1, "unavailable"]
+    status = json.loads((folder / "status.json").read_text())
+    assert status["status"] == "failed" and status["reason"] == reason.split(" (run folder")[0] and status["last_round"] == 1
+    assert not (folder / "model_best.keras").exists() and "randomisation test" not in out  # nothing trained: nothing to vouch for
+
+
+def test_three_small_hospitals_give_a_pooled_auc_near_the_exact_one_while_another_flower_job_runs(tmp_path, capfd, own_flower_processes):
+    """Three sites of 12-15 validation images at the default floor (5 images an interval): the pooled AUC, its bounds
+    holding the exact figure, the best model and every plot. Meanwhile another simulation runs on the same machine:
+    its processes are not this test's, and it finishes too."""
+    import os
+
+    from common.config import parse_run_config
+    from common.demo_sites import write_demo_sites
+    from common.pipeline import dataset
+    from common.site_data import load_site
+    from common.site_file import load_site_config
+    from sklearn.metrics import roc_auc_score
+
+    other_tmp = tmp_path / "other-tmp"
+    other_tmp.mkdir()
+    other = subprocess.Popen(
+        [sys.executable, "-m", "server.simulate", "-c", f"{SMALL} num-server-rounds=2 output-dir='{tmp_path / 'other'}' run-name='other'"],
+        env={**os.environ, "TMPDIR": str(other_tmp)}, stdout=open(tmp_path / "other.log", "w"), stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        demo = parse_run_config({"num-hospitals": 3, "images-per-hospital": 200, "heldout-images": 40, "image-size": 32})
+        *site_files, heldout = write_demo_sites(demo, tmp_path / "sites")
+        for path in site_files:  # 14 validation images a hospital (and enough training images to learn something)
+            path.write_text(path.read_text().replace("val-fraction: 0.2", "val-fraction: 0.07"))
+        settings = (
+            f"sites='{','.join(map(str, site_files))}' heldout-site='{heldout}' num-server-rounds=6 image-size=32 min-hospitals=3 "
+            f"gradcam-images=8 output-dir='{tmp_path}' run-name='small'"
+        )
+        assert simulate.main(["-c", settings]) == 0, capfd.readouterr().err
+        assert not own_flower_processes()  # ours are gone, whatever the other job still runs
+    finally:
+        _, err = other.communicate(timeout=600)
+    assert other.returncode == 0, err[-3000:]
+    folder = tmp_path / "small"
+    history, sites = pd.read_csv(folder / "history.csv"), pd.read_csv(folder / "sites.csv")
+    assert sites["n_val"].between(12, 15).all() and sites.groupby("round").size().tolist() == [3] * 6
+    assert history["global_auc"].iloc[1:].notna().any()  # every hospital counts: no round without histograms for want of size
+    cfg = parse_run_config({**json.loads((folder / "config.json").read_text())})
+    model = keras.models.load_model(folder / "model_last.keras")
+    logits, labels = [], []
+    for path in site_files:
+        data = load_site(load_site_config(path), cfg)
+        logits.append(model.predict(dataset(data.val, cfg, training=False, fit=data.fit), verbose=0))
+        labels.append(data.val.labels)
+    exact = roc_auc_score(np.concatenate(labels)[:, 0], np.concatenate(logits)[:, 0])
+    last = history.iloc[-1]
+    assert last["global_auc_low"] <= exact <= last["global_auc_high"]
+    assert abs(last["global_auc"] - exact) < 0.15, (last["global_auc"], exact)
+    print(f"three small hospitals: pooled AUC {last['global_auc']:.3f}, exact {exact:.3f}, bounds {last['global_auc_low']:.3f}-{last['global_auc_high']:.3f}")
+    assert (folder / "model_best.keras").is_file() and (folder / "best_model.png").is_file() and (folder / "history.png").is_file()
+    assert sorted(p.name for p in (folder / "plots").iterdir()) == [f"round_{r:03d}.png" for r in range(1, 7)]
