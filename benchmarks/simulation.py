@@ -1,11 +1,13 @@
-"""Wall time, peak memory and final figures of whole simulations, run as a user runs them.
+"""Wall time, peak memory and final figures of whole simulations, run as a user runs them, over several seeds.
 
-    .venv/bin/python benchmarks/simulation.py                 # the default run and a PneumoniaMNIST run
-    .venv/bin/python benchmarks/simulation.py --only default
+    .venv/bin/python benchmarks/simulation.py                       # every scenario, seed 42 only
+    .venv/bin/python benchmarks/simulation.py --seeds 5 --only default --only shortcut-hospital-2
 
 Each scenario runs `python -m server.simulate` in a subprocess while this script samples the summed resident memory
-of its whole process tree (SuperLink, ServerApp, Ray workers) every 0.5 s. Prints a table and writes
-benchmarks/results/simulation.csv.
+of its whole process tree (SuperLink, ServerApp, Ray workers) every 0.5 s. With --seeds N each scenario runs with
+seeds 42 to 41 + N (other data, splits and initial weights each time). Prints a table per run and a summary per
+scenario (mean and range), and writes benchmarks/results/simulation.csv (one row per scenario and seed, keeping the
+rows not run this time) and simulation-summary.csv.
 """
 
 from __future__ import annotations
@@ -30,18 +32,19 @@ SCENARIOS = {
 }
 
 
-def run(name: str, settings: str) -> dict:
+def run(name: str, settings: str, seed: int) -> dict:
     """Run one scenario to its end; its wall time, peak memory and last history row."""
-    run_name = f"bench-{name}-{time.strftime('%Y%m%d-%H%M%S')}"
-    command = [sys.executable, "-m", "server.simulate", "-c", f"run-name='{run_name}' {settings}"]
+    run_name = f"bench-{name}-seed{seed}-{time.strftime('%Y%m%d-%H%M%S')}"
+    command = [sys.executable, "-m", "server.simulate", "-c", f"run-name='{run_name}' seed={seed} {settings}"]
     done = measure(command, PROJECT)
     if done.returncode != 0:
         raise RuntimeError(f"{name}: the simulation failed:\n{done.stderr[-2000:]}")
     wall, peak = done.wall_s, done.peak_rss_bytes
     history = pd.read_csv(PROJECT / "runs" / run_name / "history.csv")
     last, best = history.iloc[-1], history.loc[history["best"] == True].iloc[-1]  # noqa: E712
+    warned = history["gradcam_warning"].fillna("")  # an empty warning reads back as NaN
     return {
-        "scenario": name, "wall_s": round(wall, 1), "peak_rss_gib": round(peak / 2**30, 2), "rounds": int(last["round"]),
+        "scenario": name, "seed": seed, "wall_s": round(wall, 1), "peak_rss_gib": round(peak / 2**30, 2), "rounds": int(last["round"]),
         "final_pooled_auc": last["global_auc"], "final_mean_site_auc": last["mean_site_auc"], "final_worst_site_auc": last["worst_site_auc"],
         "final_heldout_auc": last["heldout_auc"], "heldout_auc_ci_low": last["heldout_auc_ci_low"], "heldout_auc_ci_high": last["heldout_auc_ci_high"],
         "final_heldout_sens_at_op": last["heldout_sensitivity_at_threshold"], "final_heldout_spec_at_op": last["heldout_specificity_at_threshold"],
@@ -49,16 +52,44 @@ def run(name: str, settings: str) -> dict:
         "best_round": int(best["round"]), "best_pooled_auc": best["global_auc"],
         "final_gradcam_pointing": last["gradcam_pointing"], "final_gradcam_energy_in_box": last["gradcam_energy_in_box"],
         "final_gradcam_border_energy": last["gradcam_border_energy"], **_border_by_hospital(last),
-        "rounds_warned": int(history["gradcam_warning"].notna().sum()),  # an empty warning reads back as NaN
+        "rounds_warned": int((warned != "").sum()), "rounds_naming_hospital_2": int(warned.str.contains("hospital-2:").sum()),
+        "rounds_naming_others": int(warned.str.contains("hospital-[013]:", regex=True).sum()),
+        "max_border_energy_clean_hospitals": _clean_border(history),
         "sanity_fully_randomised": _sanity(PROJECT / "runs" / run_name), "run_folder": f"runs/{run_name}",
     }  # fmt: skip
 
 
+BY_SOURCE = "gradcam_border_energy_from__"
+
+
 def _border_by_hospital(row: pd.Series) -> dict:
     """The last round's border energy of the hospital whose held-out images draw most of it to the border."""
-    borders = {k.split("__")[1]: v for k, v in row.items() if k.startswith("gradcam_border_energy__hospital-")}
+    borders = {k.split("__")[1]: v for k, v in row.items() if k.startswith(BY_SOURCE)}
     worst = max(borders, key=borders.get) if borders else ""
     return {"max_border_hospital": worst, "max_border_energy": borders.get(worst, float("nan"))}
+
+
+def _clean_border(history: pd.DataFrame) -> float:
+    """The highest border energy of any hospital but hospital-2 (the shortcut's) in any round: the clean margin."""
+    columns = [c for c in history.columns if c.startswith(BY_SOURCE) and not c.endswith("hospital-2")]
+    return float(history[columns].max().max()) if columns else float("nan")
+
+
+def summary(table: pd.DataFrame) -> pd.DataFrame:
+    """Per scenario: runs, and the mean [min-max] of the figures a reader compares."""
+    def spread(values: pd.Series, digits: int) -> str:
+        return f"{values.mean():.{digits}f} [{values.min():.{digits}f}-{values.max():.{digits}f}]"
+
+    rows = []
+    for name, part in table.groupby("scenario", sort=False):
+        rows.append({
+            "scenario": name, "runs": len(part), "rounds warned": spread(part["rounds_warned"], 1),
+            "rounds naming hospital-2": spread(part["rounds_naming_hospital_2"], 1), "rounds naming another": spread(part["rounds_naming_others"], 1),
+            "max border energy, clean hospitals": spread(part["max_border_energy_clean_hospitals"], 2),
+            "final held-out AUC": spread(part["final_heldout_auc"], 3), "final pointing": spread(part["final_gradcam_pointing"], 2),
+            "randomised rho": spread(part["sanity_fully_randomised"], 2), "wall s": spread(part["wall_s"], 0),
+        })  # fmt: skip
+    return pd.DataFrame(rows)
 
 
 def _sanity(folder: Path) -> float:
@@ -71,22 +102,30 @@ def main() -> None:
     """Run the chosen scenarios, print the table, write the CSV."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--only", choices=sorted(SCENARIOS), action="append")
-    names = parser.parse_args().only or list(SCENARIOS)
+    parser.add_argument("--seeds", type=int, default=1, help="runs per scenario, seeds 42, 43, ...")
+    args = parser.parse_args()
+    names = args.only or list(SCENARIOS)
     rows = []
     for name in names:
         if name.startswith("pneumoniamnist") and not PNEUMONIAMNIST.is_file():
             print(f"skipping {name}: {PNEUMONIAMNIST} not found", file=sys.stderr)
             continue
-        print(f"running {name} ...", flush=True)
-        rows.append(run(name, SCENARIOS[name]))
+        for seed in range(42, 42 + args.seeds):
+            print(f"running {name}, seed {seed} ...", flush=True)
+            rows.append(run(name, SCENARIOS[name], seed))
     table = pd.DataFrame(rows)
     RESULTS.mkdir(parents=True, exist_ok=True)
     path = RESULTS / "simulation.csv"
-    if path.exists():  # keep the scenarios not run this time
+    if path.exists():  # keep the scenarios and seeds not run this time
         kept = pd.read_csv(path)
-        table = pd.concat([kept[~kept["scenario"].isin(table["scenario"])], table], ignore_index=True)
+        kept = kept.assign(seed=kept["seed"] if "seed" in kept else 42)
+        done = set(zip(table["scenario"], table["seed"]))
+        table = pd.concat([kept[[(s, d) not in done for s, d in zip(kept["scenario"], kept["seed"])]], table], ignore_index=True)
     table.to_csv(path, index=False, float_format="%.4f")
     print(table.drop(columns="run_folder").to_string(index=False, float_format=lambda v: f"{v:.3f}"))
+    result = summary(table)
+    result.to_csv(RESULTS / "simulation-summary.csv", index=False)
+    print(result.to_string(index=False))
 
 
 if __name__ == "__main__":

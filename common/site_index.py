@@ -56,7 +56,7 @@ def _refuse_unlistable(exc: OSError) -> None:
     raise DataError(f"{exc.filename}: {reason}")
 
 
-def _visible_files(folder: Path) -> list[Path]:
+def visible_files(folder: Path) -> list[Path]:
     """Every file under a folder, recursively, sorted, without hidden files and operating-system clutter."""
     found = []
     for top, folders, files in os.walk(folder, onerror=_refuse_unlistable, followlinks=True):
@@ -88,7 +88,7 @@ def _folder_index(site: SiteConfig, sources: dict[str, str]) -> SiteFiles:
     for folder in mapped:
         if folder not in found:
             raise DataError(f"{site.data_root}: no folder {folder!r} (named in {site.path.name}); folders found: {', '.join(found) or 'none'}")
-        files = _visible_files(site.data_root / folder)
+        files = visible_files(site.data_root / folder)
         if not files:
             raise DataError(f"{site.data_root / folder}: empty class folder: no image files")
         if site.source_subfolders:

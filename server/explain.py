@@ -24,7 +24,7 @@ from common.errors import DataError, NotAnImage
 from common.gradcam import gradcam, randomisation_test
 from common.images import read_image, to_model_input
 from common.metrics import to_probability
-from common.site_index import _visible_files
+from common.site_index import visible_files
 from server.plots import describe_call, explained_picture
 from server.recorders.progress import sanity_verdict
 
@@ -48,7 +48,7 @@ def explain(model_path: Path, folder: Path, out: Path, sanity: bool, threshold: 
     size, channels = model.input_shape[1], model.input_shape[3]
     names, run_threshold, fit = run_settings(model_path, model.output_shape[-1])
     threshold = run_threshold if threshold is None else threshold
-    files = _visible_files(folder)
+    files = visible_files(folder)
     if not files:
         raise ValueError(f"{folder}: no files")
     columns = ["file", "status"] + [f"p_{n}" for n in names] + [f"called_{n}" for n in names] + ["reason"]

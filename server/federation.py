@@ -12,6 +12,7 @@ import contextlib
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import keras
 import numpy as np
@@ -21,7 +22,6 @@ from flwr.serverapp import Grid
 from common import wire
 from common.config import RunConfig
 from common.gradcam import randomisation_test
-from common.image_set import ImageSet
 from common.model import build_model, load_initial_weights
 from common.site_data import server_heldout
 from server.evaluation import evaluate_heldout, gradcam_check, gradcam_sample, gradcam_warning
@@ -38,18 +38,6 @@ class RunAborted(RuntimeError):
     """The run stopped before its last round for a reason of its own (status.json says which)."""
 
 
-@dataclass
-class _State:
-    """What the round loop carries from round to round."""
-
-    best: Selection | None = None
-    best_round: int | None = None
-    stale: int = 0  # rounds since the best
-    heat: np.ndarray | None = None  # last round's heatmaps, for drift
-    durations: list[float] = field(default_factory=list)
-    rows: list[dict] = field(default_factory=list)
-
-
 def run_federation(grid: Grid, cfg: RunConfig) -> None:
     """Run every round and record it; raise RunAborted (after recording why) when the run cannot go on."""
     folder = make_run_folder(cfg)
@@ -57,12 +45,12 @@ def run_federation(grid: Grid, cfg: RunConfig) -> None:
     keras.utils.set_random_seed(cfg.seed)
     for recorder in recorders:
         recorder.start(RunInfo(cfg, folder))
-    state = _State()
+    run = _Run(grid, cfg, folder, recorders)
     try:
-        outcome = _rounds(grid, cfg, folder, recorders, state)
+        outcome = run.all_rounds()
     except Exception as exc:
         reason = f"the server stopped: {type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"
-        _finish(recorders, Outcome(FAILED, reason, len(state.rows) - 1, state.best_round, state.best, state.rows[-1] if state.rows else {}))
+        _finish(recorders, run.outcome(FAILED, reason, len(run.rows) - 1))
         raise
     _finish(recorders, outcome)
     if outcome.status == FAILED:
@@ -81,109 +69,128 @@ def _finish(recorders: list[Recorder], outcome: Outcome) -> None:
         raise errors[0]
 
 
-def _rounds(grid: Grid, cfg: RunConfig, folder, recorders: list[Recorder], state: _State) -> Outcome:
-    """The overlap check and round 0, then the rounds until the last, an early stop or too few updates."""
-    heldout = server_heldout(cfg)
-    model = build_model(cfg.model, heldout.images.shape[1:], len(cfg.labels), cfg.learning_rate)
-    if cfg.initial_weights:
-        load_initial_weights(model, cfg.initial_weights)
-    strategy = HospitalFedAvg(cfg, [tuple(w.shape) for w in model.get_weights()], [w.trainable for w in model.weights])
-    started = time.perf_counter()
-    overlap = check_overlap(grid, strategy, heldout, cfg)
-    n_before = len(heldout)
-    if overlap.held:
-        heldout = heldout.take(np.array(sorted(set(range(len(heldout))) - overlap.held), int))
-    sample_rows = gradcam_sample(heldout, cfg)
-    sample = heldout.take(sample_rows)
-    report = RoundReport(0, cfg, folder, strategy.record, evaluate_heldout(model, heldout, cfg, None), heldout.labels, model, judge({}, 0), False)
-    report.started = started
-    report.overlap = overlap.rows
-    report.notes = overlap.lines(n_before) + ([f"{n_before - len(heldout)} held-out image(s) that hospitals also hold are left out; {len(heldout)} remain"] if overlap.held else [])
-    _close(report, recorders, state)
-    arrays = ArrayRecord(model.get_weights())
-    config = ConfigRecord({wire.RUN_FOLDER: str(folder)})
-    for rnd in range(1, cfg.num_server_rounds + 1):
-        report, arrays = _round(rnd, grid, cfg, folder, strategy, model, heldout, sample, sample_rows, arrays, config, state)
-        _close(report, recorders, state)
-        if not report.record.trained or len(report.record.trained) < cfg.min_hospitals:
-            reason = (
-                f"round {rnd}: {len(report.record.trained)} valid training update(s), fewer than min-hospitals = {cfg.min_hospitals}; "
-                f"the run stops here ({'; '.join(report.record.failures) or 'no hospital was asked'})"
-            )
-            return Outcome(FAILED, reason, rnd, state.best_round, state.best, state.rows[-1])
-        if cfg.early_stop_rounds and state.stale >= cfg.early_stop_rounds:
-            reason = f"early stop after round {rnd}: no better {state.best.criterion} for {state.stale} rounds (early-stop-rounds = {cfg.early_stop_rounds})"
-            return Outcome(FINISHED, reason, rnd, state.best_round, state.best, state.rows[-1], _sanity(model, sample, cfg, state))
-    reason = f"all {cfg.num_server_rounds} rounds"
-    return Outcome(FINISHED, reason, cfg.num_server_rounds, state.best_round, state.best, state.rows[-1], _sanity(model, sample, cfg, state))
+@dataclass
+class _Run:
+    """One federation as the round loop carries it from round to round."""
 
+    grid: Grid
+    cfg: RunConfig
+    folder: Path
+    recorders: list[Recorder]
+    best: Selection | None = None
+    best_round: int | None = None
+    stale: int = 0  # rounds since the best
+    heat: np.ndarray | None = None  # last round's heatmaps, for drift
+    durations: list[float] = field(default_factory=list)
+    rows: list[dict] = field(default_factory=list)  # every round's history row
 
-def _round(
-    rnd: int, grid: Grid, cfg: RunConfig, folder, strategy: HospitalFedAvg, model: keras.Model, heldout: ImageSet, sample: ImageSet,
-    sample_rows: np.ndarray, arrays: ArrayRecord, config: ConfigRecord, state: _State,
-) -> tuple[RoundReport, ArrayRecord]:  # fmt: skip
-    """One round: the hospitals train and validate, the server checks its held-out set and where the model looks."""
-    started, phases = time.perf_counter(), {}
-    with _timed(phases, "train"):  # the hospitals' training, the messages both ways, and aggregation
-        replies = send_and_receive(grid, strategy.configure_train(rnd, arrays, config, grid), cfg.round_timeout, cfg.reply_poll_seconds)
-        new_arrays, _ = strategy.aggregate_train(rnd, replies)
-    trained = new_arrays is not None
-    arrays = new_arrays if trained else arrays
-    if trained:
-        with _timed(phases, "evaluate"):
-            replies = send_and_receive(grid, strategy.configure_evaluate(rnd, arrays, config, grid), cfg.round_timeout, cfg.reply_poll_seconds)
-            strategy.aggregate_evaluate(rnd, replies)
-    else:
-        strategy.record.unavailable["global_auc"] = "no model was trained this round, so none was validated"
-    record = strategy.record
-    with _timed(phases, "heldout"):
-        model.set_weights(arrays.to_numpy_ndarrays())
-        held = evaluate_heldout(model, heldout, cfg, record.thresholds)
-    selection = judge(record.row, rnd)
-    best = trained and selection.beats(state.best)
-    report = RoundReport(rnd, cfg, folder, record, held, heldout.labels, model, selection, best, sample, sample_rows)
-    report.started = started
-    if trained and cfg.gradcam_images:
-        with _timed(phases, "gradcam"):
-            _look(report, held.logits[sample_rows], state)
-    report.phases = phases
-    return report, arrays
+    def all_rounds(self) -> Outcome:
+        """The overlap check and round 0, then the rounds until the last, an early stop or too few updates."""
+        cfg = self.cfg
+        self.heldout = server_heldout(cfg)
+        self.model = build_model(cfg.model, self.heldout.images.shape[1:], len(cfg.labels), cfg.learning_rate)
+        if cfg.initial_weights:
+            load_initial_weights(self.model, cfg.initial_weights)
+        self.strategy = HospitalFedAvg(cfg, [tuple(w.shape) for w in self.model.get_weights()], [w.trainable for w in self.model.weights])
+        self.arrays = ArrayRecord(self.model.get_weights())
+        self.config = ConfigRecord({wire.RUN_FOLDER: str(self.folder)})
+        self._record(self._round_zero())
+        for rnd in range(1, cfg.num_server_rounds + 1):
+            report = self._round(rnd)
+            self._record(report)
+            if len(report.record.trained) < cfg.min_hospitals:
+                failed = "; ".join(report.record.failures) or "no hospital was asked"
+                reason = f"round {rnd}: {len(report.record.trained)} valid training update(s), fewer than min-hospitals = {cfg.min_hospitals}; the run stops here ({failed})"
+                return self.outcome(FAILED, reason, rnd)
+            if cfg.early_stop_rounds and self.stale >= cfg.early_stop_rounds:
+                reason = f"early stop after round {rnd}: no better {self.best.criterion} for {self.stale} rounds (early-stop-rounds = {cfg.early_stop_rounds})"
+                return self.outcome(FINISHED, reason, rnd, self._sanity())
+        return self.outcome(FINISHED, f"all {cfg.num_server_rounds} rounds", cfg.num_server_rounds, self._sanity())
 
+    def outcome(self, status: str, reason: str, last_round: int, sanity: list | None = None) -> Outcome:
+        """How the run ended, with the best round so far and the last history row."""
+        return Outcome(status, reason, last_round, self.best_round, self.best, self.rows[-1] if self.rows else {}, sanity or [])
 
-def _look(report: RoundReport, logits: np.ndarray, state: _State) -> None:
-    """This round's Grad-CAM check and shortcut warning; a failure is said and recorded, and the rest of the round stands."""
-    cfg, record = report.cfg, report.record
-    chosen = np.full(len(cfg.labels), cfg.threshold) if record.thresholds is None else np.where(np.isnan(record.thresholds), cfg.threshold, record.thresholds)
-    try:
-        report.gradcam = gradcam_check(report.model, report.sample, logits, chosen, cfg, state.heat)
-    except ValueError as exc:
-        report.gradcam_error = f"Grad-CAM check not run: {exc}"
-        return
-    state.heat = report.gradcam.heat
-    previous = state.rows[-1] if report.round > 1 else None
-    warning = gradcam_warning({**record.row, **report.gradcam.row}, previous, cfg)
-    report.warnings = [warning] if warning else []
+    def _round_zero(self) -> RoundReport:
+        """Before training: ask the hospitals which held-out images they hold (leaving those out where the run says),
+        fix the Grad-CAM sample, and check the initial model on the held-out set."""
+        cfg, started = self.cfg, time.perf_counter()
+        overlap = check_overlap(self.grid, self.strategy, self.heldout, cfg)
+        n_before = len(self.heldout)
+        if overlap.held:
+            self.heldout = self.heldout.take(np.array(sorted(set(range(n_before)) - overlap.held), int))
+        self.sample_rows = gradcam_sample(self.heldout, cfg)
+        self.sample = self.heldout.take(self.sample_rows)
+        held = evaluate_heldout(self.model, self.heldout, cfg, None)
+        report = RoundReport(0, cfg, self.folder, self.strategy.record, held, self.heldout.labels, self.model, judge({}, 0), False, started=started)
+        report.overlap = overlap.rows
+        report.notes = overlap.lines(n_before)
+        if overlap.held:
+            report.notes.append(f"{n_before - len(self.heldout)} held-out image(s) that hospitals also hold are left out; {len(self.heldout)} remain")
+        return report
 
+    def _round(self, rnd: int) -> RoundReport:
+        """One round: the hospitals train and validate, the server checks its held-out set and where the model looks."""
+        cfg, strategy, grid = self.cfg, self.strategy, self.grid
+        started, phases = time.perf_counter(), {}
+        with _timed(phases, "train"):  # the hospitals' training, the messages both ways, and aggregation
+            replies = send_and_receive(grid, strategy.configure_train(rnd, self.arrays, self.config, grid), cfg.round_timeout, cfg.reply_poll_seconds)
+            new_arrays, _ = strategy.aggregate_train(rnd, replies)
+        trained = new_arrays is not None
+        if trained:
+            self.arrays = new_arrays
+            with _timed(phases, "evaluate"):
+                replies = send_and_receive(grid, strategy.configure_evaluate(rnd, self.arrays, self.config, grid), cfg.round_timeout, cfg.reply_poll_seconds)
+                strategy.aggregate_evaluate(rnd, replies)
+        else:
+            strategy.record.unavailable["global_auc"] = "no model was trained this round, so none was validated"
+        record = strategy.record
+        with _timed(phases, "heldout"):
+            self.model.set_weights(self.arrays.to_numpy_ndarrays())
+            held = evaluate_heldout(self.model, self.heldout, cfg, record.thresholds)
+        selection = judge(record.row, rnd)
+        report = RoundReport(
+            rnd, cfg, self.folder, record, held, self.heldout.labels, self.model, selection, trained and selection.beats(self.best),
+            self.sample, self.sample_rows, started=started,
+        )  # fmt: skip
+        if trained and cfg.gradcam_images:
+            with _timed(phases, "gradcam"):
+                self._look(report, held.logits[self.sample_rows])
+        report.phases = phases
+        return report
 
-def _close(report: RoundReport, recorders: list[Recorder], state: _State) -> None:
-    """Judge the round against the best so far, then hand it to the recorders."""
-    if report.best:
-        state.best, state.best_round, state.stale = report.selection, report.round, 0
-    elif report.round > 0:
-        state.stale += 1
-    if report.round > 0:
-        state.durations.append(time.perf_counter() - report.started)
-        remaining = report.cfg.num_server_rounds - report.round
-        report.eta_seconds = sum(state.durations) / len(state.durations) * remaining
-    record_round(recorders, report)
-    state.rows.append(report.row())
+    def _look(self, report: RoundReport, logits: np.ndarray) -> None:
+        """This round's Grad-CAM check and shortcut warning; a failure is said and recorded, and the rest of the round stands."""
+        cfg, thresholds = self.cfg, report.record.thresholds
+        chosen = np.full(len(cfg.labels), cfg.threshold) if thresholds is None else np.where(np.isnan(thresholds), cfg.threshold, thresholds)
+        try:
+            report.gradcam = gradcam_check(report.model, report.sample, logits, chosen, cfg, self.heat)
+        except ValueError as exc:
+            report.gradcam_error = f"Grad-CAM check not run: {exc}"
+            return
+        self.heat = report.gradcam.heat
+        previous = self.rows[-1] if report.round > 1 else None
+        warning = gradcam_warning({**report.record.row, **report.gradcam.row}, previous, cfg)
+        report.warnings = [warning] if warning else []
 
+    def _record(self, report: RoundReport) -> None:
+        """Judge the round against the best so far, then hand it to the recorders."""
+        if report.best:
+            self.best, self.best_round, self.stale = report.selection, report.round, 0
+        elif report.round > 0:
+            self.stale += 1
+        if report.round > 0:
+            self.durations.append(time.perf_counter() - report.started)
+            report.eta_seconds = sum(self.durations) / len(self.durations) * (self.cfg.num_server_rounds - report.round)
+        record_round(self.recorders, report)
+        self.rows.append(report.row())
 
-def _sanity(model: keras.Model, sample: ImageSet, cfg: RunConfig, state: _State) -> list[tuple[str, str, float]]:
-    """The randomisation sanity test after the last round, where the Grad-CAM checks ran."""
-    if state.heat is None:
-        return []
-    return [(cfg.labels[j], name, r) for j in range(len(cfg.labels)) for name, r in randomisation_test(model, sample.images, j, cfg.seed)]
+    def _sanity(self) -> list[tuple[str, str, float]]:
+        """The randomisation sanity test after the last round, where the Grad-CAM checks ran."""
+        if self.heat is None:
+            return []
+        labels = self.cfg.labels
+        return [(labels[j], name, r) for j in range(len(labels)) for name, r in randomisation_test(self.model, self.sample.images, j, self.cfg.seed)]
 
 
 @contextlib.contextmanager

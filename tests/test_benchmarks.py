@@ -77,3 +77,12 @@ def test_the_throughput_benchmark_compares_local_training_with_plain_fit(tmp_pat
     cpu = table[table["device"].str.startswith("CPU")]
     assert len(cpu) == 1 and cpu["images"].iloc[0] == 80  # the hospital's training share
     assert (cpu[["ours_images_per_s", "plain_fit_images_per_s"]] > 0).all().all()
+
+
+def test_the_small_sites_benchmark_measures_the_floors_cost_against_the_exact_auc(tmp_path):
+    out = _run("small_sites.py", "--seeds", "1", "--rounds", "2", "--synthetic", "--out", str(tmp_path))
+    assert "min-bin-images" in out and "rounds measured" in out
+    table = pd.read_csv(tmp_path / "small-sites.csv")
+    assert sorted(table["floor"].unique()) == [1, 3, 5, 10] and len(table) == 2 * 4
+    assert ((table["low"] <= table["exact"] + 1e-9) & (table["exact"] <= table["high"] + 1e-9)).all()
+    assert (tmp_path / "small-sites-summary.csv").is_file() and (tmp_path / "small-sites.png").is_file()

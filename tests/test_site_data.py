@@ -324,7 +324,7 @@ def test_the_data_check_reports_counts_modes_sizes_duplicates_and_bad_files_and_
     assert "the run does not have; the run's labels: lesion" in capsys.readouterr().out
 
 
-@pytest.mark.parametrize("example", ["class-folders.yaml", "csv-manifest.yaml", "dicom.yaml", "npz.yaml"])
+@pytest.mark.parametrize("example", ["class-folders.yaml", "csv-manifest.yaml", "dicom.yaml", "npz.yaml", "heldout.yaml"])
 def test_the_documented_example_site_files_parse(tmp_path, example):
     import re
     from pathlib import Path
