@@ -13,6 +13,7 @@ rows not run this time) and simulation-summary.csv.
 from __future__ import annotations
 
 import argparse
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -29,12 +30,25 @@ SCENARIOS = {
     "pneumoniamnist-dirichlet": (
         f"data='{PNEUMONIAMNIST}' labels=pneumonia image-size=28 num-hospitals=5 partition=dirichlet dirichlet-alpha=0.5"
     ),
+    # the same shortcut, but the hospitals and the held-out set are folders of PNG files with site files, the held-out
+    # images in a sub-folder per source hospital (common/demo_sites.py): the check must work on a site-file held-out set
+    "shortcut-hospital-2-site-files": "sites:shortcut-hospital=2",
 }
+
+
+def _site_files(run_name: str, settings: str, seed: int) -> str:
+    """Write the built-in hospitals and held-out set as site folders (not timed); the run settings that name them."""
+    folder = PROJECT / "runs" / f"{run_name}-sites"
+    command = [sys.executable, "-m", "common.demo_sites", str(folder), "-c", f"{settings} seed={seed}"]
+    files = subprocess.run(command, cwd=PROJECT, capture_output=True, text=True, check=True).stdout.split()
+    return f"sites='{','.join(files[:-1])}' heldout-site='{files[-1]}'"
 
 
 def run(name: str, settings: str, seed: int) -> dict:
     """Run one scenario to its end; its wall time, peak memory and last history row."""
     run_name = f"bench-{name}-seed{seed}-{time.strftime('%Y%m%d-%H%M%S')}"
+    if settings.startswith("sites:"):
+        settings = _site_files(run_name, settings.removeprefix("sites:"), seed)
     command = [sys.executable, "-m", "server.simulate", "-c", f"run-name='{run_name}' seed={seed} {settings}"]
     done = measure(command, PROJECT)
     if done.returncode != 0:
@@ -42,7 +56,7 @@ def run(name: str, settings: str, seed: int) -> dict:
     wall, peak = done.wall_s, done.peak_rss_bytes
     history = pd.read_csv(PROJECT / "runs" / run_name / "history.csv")
     last, best = history.iloc[-1], history.loc[history["best"] == True].iloc[-1]  # noqa: E712
-    warned = history["gradcam_warning"].fillna("")  # an empty warning reads back as NaN
+    warned = history["gradcam_warning"].astype("string").fillna("")  # an empty warning reads back as NaN
     return {
         "scenario": name, "seed": seed, "wall_s": round(wall, 1), "peak_rss_gib": round(peak / 2**30, 2), "rounds": int(last["round"]),
         "final_pooled_auc": last["global_auc"], "final_mean_site_auc": last["mean_site_auc"], "final_worst_site_auc": last["worst_site_auc"],

@@ -4,8 +4,10 @@ rehearsing a deployment (or a site-file simulation) on one machine.
     python -m common.demo_sites demo-sites [--mixed] [-c "num-hospitals=3 images-per-hospital=200"]
 
 writes demo-sites/hospital-K/{lesion,no_finding}/*.png and demo-sites/hospital-K.yaml for each hospital, and
-demo-sites/heldout/ with demo-sites/heldout.yaml for the server. With --mixed the files come in the modes and sizes a
-PACS export mixes (8- and 16-bit grey, RGB, RGBA, palette, JPEG; 64 to 160 pixels wide).
+demo-sites/heldout/{lesion,no_finding}/hospital-K/*.png with demo-sites/heldout.yaml for the server (each held-out
+image in a sub-folder named for the hospital it represents: `source-subfolders: true`). With --mixed the files come
+in the modes and sizes a PACS export mixes (8- and 16-bit grey, RGB, RGBA, palette, JPEG; 64 to 160 pixels wide).
+Run settings such as `shortcut-hospital=2` shape the images as they shape a simulation's.
 """
 
 from __future__ import annotations
@@ -44,23 +46,24 @@ def _save(image: np.ndarray, path: Path, form: str, width: int) -> Path:
     return path
 
 
-def write_class_folders(images: ImageSet, folder: Path, label: str, mixed: bool = False) -> int:
-    """Save an image set as class folders (folder/label/, folder/no_finding/); returns the number of files written."""
-    for name in (label, NEGATIVE_FOLDER):
-        (folder / name).mkdir(parents=True, exist_ok=True)
-    for i, (image, positive) in enumerate(zip(images.images, images.labels[:, 0])):
+def write_class_folders(images: ImageSet, folder: Path, label: str, mixed: bool = False, by_source: bool = False) -> int:
+    """Save an image set as class folders (folder/label/, folder/no_finding/), in a sub-folder per source hospital if
+    asked; returns the number of files written."""
+    for i, (image, positive, source) in enumerate(zip(images.images, images.labels[:, 0], images.source)):
         form = MIXED_FORMS[i % len(MIXED_FORMS)] if mixed else "L"
         width = image.shape[0] + (32 * (i % 4) if mixed else 0)
-        _save(image, folder / (label if positive else NEGATIVE_FOLDER) / f"image_{i:05d}", form, width)
+        where = folder / (label if positive else NEGATIVE_FOLDER) / (source if by_source else "")
+        where.mkdir(parents=True, exist_ok=True)
+        _save(image, where / f"image_{i:05d}", form, width)
     return len(images)
 
 
-def write_site_yaml(path: Path, name: str, data_root: str, label: str, seed: int) -> Path:
+def write_site_yaml(path: Path, name: str, data_root: str, label: str, seed: int, by_source: bool = False) -> Path:
     """A class-folder site file for a demo site; returns its path."""
     path.write_text(
         f"# A demo site written by common.demo_sites: class folders of built-in images.\n"
         f"name: {name}\ndata-root: {data_root}\nlayout: folders\nlabels:\n  {label}: {label}\n"
-        f"negative-folders: [{NEGATIVE_FOLDER}]\nval-fraction: 0.2\nseed: {seed}\n"
+        f"negative-folders: [{NEGATIVE_FOLDER}]\nval-fraction: 0.2\nseed: {seed}\n" + ("source-subfolders: true\n" if by_source else "")
     )
     return path
 
@@ -74,8 +77,8 @@ def write_demo_sites(cfg: RunConfig, out: Path, mixed: bool = False) -> list[Pat
         train, val = hospital_data(cfg, hospital)
         write_class_folders(train.join(val), out / f"hospital-{hospital}", label, mixed)
         files.append(write_site_yaml(out / f"hospital-{hospital}.yaml", f"hospital-{hospital}", f"hospital-{hospital}", label, cfg.seed + hospital))
-    write_class_folders(heldout_set(cfg), out / "heldout", label, mixed)
-    files.append(write_site_yaml(out / "heldout.yaml", "heldout", "heldout", label, cfg.seed))
+    write_class_folders(heldout_set(cfg), out / "heldout", label, mixed, by_source=True)
+    files.append(write_site_yaml(out / "heldout.yaml", "heldout", "heldout", label, cfg.seed, by_source=True))
     return files
 
 

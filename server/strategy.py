@@ -198,7 +198,8 @@ def pooled_row(record: RoundRecord, replies: list[wire.EvaluateReply], cfg: RunC
     figures_row = figures(counts, record.pos, record.neg, labels) | per_label("auc", aucs, labels)
     figures_row |= per_label("auc_low", [b[0] for b in bounds], labels) | per_label("auc_high", [b[1] for b in bounds], labels)
     record.row = {f"global_{k}": v for k, v in figures_row.items()}
-    record.row["global_log_loss"] = log_loss_from_histograms(record.pos, record.neg, cfg.threshold)
+    placed = any(len(r.intervals[j].starts) > 1 for r in replies for j in range(len(labels)))  # some image's score is bounded
+    record.row["global_log_loss"] = log_loss_from_histograms(record.pos, record.neg, cfg.threshold) if placed else float("nan")
     if any(reasons):
         record.unavailable["global_auc"] = "; ".join(r for r in reasons if r)
     if (record.pos.sum(axis=1) > 0).any():

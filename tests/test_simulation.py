@@ -134,7 +134,7 @@ def test_a_simulation_of_sites_on_disk_reads_their_folders_and_counts_what_they_
     hospital_0, hospital_1, heldout = write_demo_sites(demo, tmp_path / "sites", mixed=True)
     (tmp_path / "sites" / "hospital-1" / "lesion" / "corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"\0" * 40)
     hospital_1.write_text(hospital_1.read_text() + "skip-unreadable: true\n")
-    copied = sorted((tmp_path / "sites" / "heldout" / "lesion").iterdir())[3]  # a held-out image the hospital also holds
+    copied = sorted((tmp_path / "sites" / "heldout" / "lesion").rglob("*.*"))[3]  # a held-out image the hospital also holds
     shutil.copy(copied, tmp_path / "sites" / "hospital-0" / "lesion" / f"also_{copied.name}")
     settings = (
         f"sites='{hospital_0},{hospital_1}' heldout-site='{heldout}' num-server-rounds=2 image-size=32 min-hospitals=2 "
@@ -151,6 +151,7 @@ def test_a_simulation_of_sites_on_disk_reads_their_folders_and_counts_what_they_
     history = pd.read_csv(folder / "history.csv")
     assert history["n_sites"].iloc[1:].tolist() == [2, 2] and history["n_failed"].tolist() == [0, 0, 0]
     assert history["heldout_auc"].between(0, 1).all() and history["heldout_n"].tolist() == [29, 29, 29]  # the copy is left out
+    assert {"gradcam_border_energy_from__hospital-0", "gradcam_border_energy_from__hospital-1"} <= set(history.columns)  # sources from sub-folders
     sites = pd.read_csv(folder / "sites.csv")
     assert sites.groupby("site")["skipped_files"].max().to_dict() == {"hospital-0": 0, "hospital-1": 1}
     assert sites.groupby("site")["n_train"].first().sum() + sites.groupby("site")["n_val"].first().sum() == 121  # every readable image
