@@ -1,19 +1,21 @@
 """Where a federated round's time goes: the Flower simulation against a plain Keras loop doing the same work in one
-process, and the deployment rehearsal on loopback with and without the hospitals' long-lived training worker.
+process, and the deployment rehearsal on loopback, against the same rehearsal of an earlier commit where asked.
 
-    .venv/bin/python benchmarks/overhead.py                       # about 8 min on 2 cores
+    .venv/bin/python benchmarks/overhead.py                       # about 6 min on 2 cores
+    .venv/bin/python benchmarks/overhead.py --rehearsal-baseline 1370d23   # and the rehearsal as it was at that commit
     .venv/bin/python benchmarks/overhead.py --rounds 2 --images 60 --skip-rehearsal
 
 Simulation and plain loop do the same work: H built-in hospitals of N images at 64x64, E local epochs, R rounds; each
 round every hospital trains, every hospital scores its validation images, the server scores its held-out set (the
 Grad-CAM check is off in both). Rounds are timed apart from start-up; round 1 also holds each process's first graph
-tracing, so the per-round figures are the mean of rounds 2..R. The rehearsal (python -m server.rehearse, TLS and node
-authentication, 2 hospitals of 100 images at 32x32) runs three times: as Flower ships it (bare SuperNodes, where every
-message starts a fresh ClientApp process that imports TensorFlow and loads the site, and the server pulling replies
-every 3 s), then with the hospitals' long-lived worker, then also pulling every 0.1 s (the default now).
+tracing, so the per-round figures are the mean of rounds 2..R. The rehearsal (python -m server.rehearse: nginx in front
+of the SuperLink, TLS and node authentication, 2 hospitals of 100 images at 32x32, each with its long-lived worker and
+the server's code run as the ClientApp user where this runs as root) runs once; with --rehearsal-baseline, the same
+rehearsal is first run from a git worktree of that commit (its own code, this environment), so that the two round
+times come from one run of this benchmark.
 
-Ratios compare like with like only: the simulation against the plain loop (same work), each rehearsal against the
-first. `core` is a round without the server's model saving and plots, which the plain loop does not do.
+Ratios compare like with like only: the simulation against the plain loop (same work), the rehearsal against its
+baseline. `core` is a round without the server's model saving and plots, which the plain loop does not do.
 
 Writes benchmarks/results/overhead.csv (one row per setting), overhead-profile.csv (seconds per phase of a round) and
 overhead.png; prints both tables.
@@ -36,11 +38,6 @@ from measure import steady_mean
 PROJECT = Path(__file__).resolve().parent.parent
 RESULTS = PROJECT / "benchmarks" / "results"
 PHASES = ("train", "evaluate", "heldout", "gradcam", "record")
-REHEARSALS = (  # (name, long-lived worker, seconds between the server's reply pulls)
-    ("rehearsal before: a process per message, 3 s pulls", False, 3.0),
-    ("rehearsal: + long-lived worker", True, 3.0),
-    ("rehearsal after: + worker, 0.1 s pulls", True, 0.1),
-)
 
 
 def settings(hospitals: int, images: int, rounds: int, epochs: int) -> dict:
@@ -111,18 +108,33 @@ def run_simulation(overrides: dict, workdir: Path) -> dict:
     return {"wall": wall, **_run_folder_figures(workdir / name)}
 
 
-def run_rehearsal(workdir: Path, rounds: int, worker: bool, poll: float) -> dict:
-    """`python -m server.rehearse` with TLS and node authentication, with or without the hospitals' worker, the server
-    asking for replies every `poll` seconds."""
+def run_rehearsal(workdir: Path, rounds: int, code: Path = PROJECT) -> dict:
+    """`python -m server.rehearse` of the code in `code` (this checkout, or a worktree of an earlier commit), 2 hospitals."""
     command = [sys.executable, "-m", "server.rehearse", "--hospitals", "2", "--rounds", str(rounds), "--workdir", str(workdir)]
-    command += ["--run-config", f"reply-poll-seconds={poll}"] + ([] if worker else ["--no-worker"])
     started = time.perf_counter()
-    done = subprocess.run(command, cwd=PROJECT, capture_output=True, text=True)
+    done = subprocess.run(command, cwd=code, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(code)})
     wall = time.perf_counter() - started
     if done.returncode != 0:
-        raise RuntimeError(f"the rehearsal failed:\n{done.stdout[-2000:]}\n{done.stderr[-2000:]}")
+        raise RuntimeError(f"the rehearsal of {code} failed:\n{done.stdout[-2000:]}\n{done.stderr[-2000:]}")
     folder = next((workdir / "runs").iterdir())
     return {"wall": wall, **_run_folder_figures(folder)}
+
+
+def rehearsals(tmp: Path, rounds: int, baseline: str | None) -> list[tuple[str, dict]]:
+    """The rehearsal at the baseline commit (where given) and as this checkout has it, one after the other."""
+    runs = []
+    if baseline:
+        tree = tmp / "baseline"
+        subprocess.run(["git", "worktree", "add", "--detach", str(tree), baseline], cwd=PROJECT, check=True, capture_output=True)
+        try:
+            commit = subprocess.run(["git", "rev-parse", "--short", baseline], cwd=PROJECT, capture_output=True, text=True).stdout.strip()
+            print(f"rehearsal at {commit} ...", flush=True)
+            runs.append((f"rehearsal at {commit}", run_rehearsal(tmp / "rehearsal-baseline", rounds, tree)))
+        finally:
+            subprocess.run(["git", "worktree", "remove", "--force", str(tree)], cwd=PROJECT, capture_output=True)
+    print("rehearsal ...", flush=True)
+    runs.append(("rehearsal", run_rehearsal(tmp / "rehearsal", rounds)))
+    return runs
 
 
 def _run_folder_figures(folder: Path) -> dict:
@@ -179,6 +191,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--local-epochs", type=int, default=2)
     parser.add_argument("--rehearsal-rounds", type=int, default=3)
     parser.add_argument("--skip-rehearsal", action="store_true")
+    parser.add_argument("--rehearsal-baseline", help="a git commit whose rehearsal runs first, for a before/after round time")
     parser.add_argument("--results", type=Path, default=RESULTS)
     parser.add_argument("--plain-loop", help=argparse.SUPPRESS)  # internal: run the plain loop on these JSON settings
     args = parser.parse_args(argv)
@@ -201,17 +214,15 @@ def main(argv: list[str] | None = None) -> int:
         rows.append(row("Flower simulation", sim["wall"], sim["rounds"]) | _bytes(sim, plain["model_bytes"]))
         prof += profile("Flower simulation", sim["rounds"])
         if not args.skip_rehearsal:
-            for i, (name, worker, poll) in enumerate(REHEARSALS):
-                print(f"{name} ...", flush=True)
-                rehearsal = run_rehearsal(Path(tmp) / f"rehearsal-{i}", args.rehearsal_rounds, worker, poll)
+            for name, rehearsal in rehearsals(Path(tmp), args.rehearsal_rounds, args.rehearsal_baseline):
                 rows.append(row(name, rehearsal["wall"], rehearsal["rounds"]) | _bytes(rehearsal, None))
                 prof += profile(name, rehearsal["rounds"])
     table, prof_table = pd.DataFrame(rows), pd.DataFrame(prof)
     same_work = table.index < 2  # plain loop and simulation; the rehearsals do other work, compared among themselves
     table["core_vs_plain"] = (table["steady_core_s"] / table["steady_core_s"].iloc[0]).where(same_work)
     table["round_vs_plain"] = (table["steady_round_s"] / table["steady_round_s"].iloc[0]).where(same_work)
-    if not args.skip_rehearsal:
-        table["round_vs_before"] = (table["steady_round_s"] / table["steady_round_s"].iloc[2]).where(~same_work)
+    if args.rehearsal_baseline and not args.skip_rehearsal:
+        table["round_vs_baseline"] = (table["steady_round_s"] / table["steady_round_s"].iloc[2]).where(~same_work)
     table.insert(1, "work", [f"{args.hospitals} hospitals x {args.images} images, 64x64, {args.local_epochs} epochs"] * 2
                  + ["2 hospitals x 100 images, 32x32, 2 epochs, TLS"] * (len(table) - 2))  # fmt: skip
     args.results.mkdir(parents=True, exist_ok=True)

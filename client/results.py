@@ -5,8 +5,6 @@ hospital's own report of the global model, which stays there."""
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
-
 import numpy as np
 
 from common.bin_floor import Intervals
@@ -22,7 +20,6 @@ class Trained:
     loss: float
     skipped: int  # unreadable files left out (skip-unreadable)
     not_images: int  # files holding no image, left out
-    report_dir: Path | None  # the site file's report-dir; None for a simulated hospital (it reports into the run folder)
 
 
 @dataclass(frozen=True)
@@ -35,7 +32,6 @@ class Scored:
     intervals: list[Intervals]  # one per label
     own_figures: dict[str, float]  # AUC, sensitivity, specificity on the site's own patients, exact
     left_out: int  # files left out (unreadable and skipped, or holding no image), for the site's own report
-    report_dir: Path | None
 
 
 @dataclass(frozen=True)
@@ -45,4 +41,3 @@ class Matched:
     site: str
     count: int
     rows: list[int] | None
-    report_dir: Path | None

@@ -1,5 +1,6 @@
 """A hospital's local work: load its site once, train the shared CNN on it, score its validation images (applying the
-histogram floor before anything leaves), and answer the server's held-out overlap question.
+histogram floor, the run's or the hospital's own where higher, before anything leaves), and answer the server's
+held-out overlap question. client/hospital.py calls these and packs what they return.
 
 TensorFlow lives here and not in the Flower handlers (client/app.py), so that a deployed hospital's per-message
 ClientApp processes need not import it: a long-lived worker (client/worker.py) runs these functions instead.
@@ -12,7 +13,6 @@ import os
 import warnings
 from collections import OrderedDict
 from dataclasses import dataclass
-from pathlib import Path
 
 # Before TensorFlow loads in this process: its C++ info and warning lines repeat in every worker of a simulation and
 # bury the progress lines (errors still print). An operator's own setting wins.
@@ -50,7 +50,7 @@ class _Site:
     data: SiteData
     train: tf.data.Dataset
     val: tf.data.Dataset
-    report_dir: Path | None
+    floor: int  # the histogram floor: the run's min-bin-images, or the site's policy where that is higher
 
 
 LEFT_OUT = "left_out.csv"  # in a site's report-dir: every file left out (holding no image, or unreadable and skipped) and why
@@ -92,7 +92,8 @@ def _load_site(cfg: RunConfig, node_config: dict) -> _Site:
     augmentation, dicom = (site.augmentation, site.dicom) if site is not None else (Augmentation(), DicomSettings())
     seed = cfg.seed + (site.seed if site is not None else 0)
     train = dataset(data.train, cfg, training=True, seed=seed, augmentation=augmentation, dicom=dicom, fit=data.fit)
-    return _Site(data, train, dataset(data.val, cfg, training=False, dicom=dicom, fit=data.fit), site.report_dir if site is not None else None)
+    floor = max(cfg.min_bin_images, site.policy.min_bin_images if site is not None else 0)
+    return _Site(data, train, dataset(data.val, cfg, training=False, dicom=dicom, fit=data.fit), floor)
 
 
 @functools.lru_cache(maxsize=1)
@@ -120,7 +121,7 @@ def train(run_config: dict, node_config: dict, weights: list[np.ndarray]) -> Tra
     weigh_classes(model, labels, cfg.class_weighting)
     history = model.fit(site.train, epochs=cfg.local_epochs, shuffle=False, verbose=0)  # the pipeline shuffles
     data = site.data
-    return Trained(data.name, model.get_weights(), len(labels), float(history.history["loss"][-1]), data.count(UNREADABLE), data.count(NOT_AN_IMAGE), site.report_dir)
+    return Trained(data.name, model.get_weights(), len(labels), float(history.history["loss"][-1]), data.count(UNREADABLE), data.count(NOT_AN_IMAGE))
 
 
 def score(run_config: dict, node_config: dict, weights: list[np.ndarray]) -> Scored:
@@ -130,9 +131,9 @@ def score(run_config: dict, node_config: dict, weights: list[np.ndarray]) -> Sco
     logits = model.predict(site.val, verbose=0)  # (n, n_labels), in the order of val
     counts, pos, neg = statistics(logits, site.data.val.labels, cfg.threshold, cfg.histogram_bins)
     root = threshold_edge(cfg.histogram_bins, cfg.threshold) + 1  # the first bin above the run's threshold
-    intervals = [floor_intervals(pos[j], neg[j], cfg.min_bin_images, root) for j in range(len(cfg.labels))]
+    intervals = [floor_intervals(pos[j], neg[j], site.floor, root) for j in range(len(cfg.labels))]
     own = figures(counts, pos, neg, cfg.labels)
-    return Scored(site.data.name, len(site.data.val), intervals, own, len(site.data.left_out), site.report_dir)
+    return Scored(site.data.name, len(site.data.val), intervals, own, len(site.data.left_out))
 
 
 def overlap(run_config: dict, node_config: dict, query: tuple[bytes, list[str], bool]) -> Matched:
@@ -141,4 +142,4 @@ def overlap(run_config: dict, node_config: dict, query: tuple[bytes, list[str], 
     cfg = _run_config(tuple(sorted(run_config.items())))
     site = _site(cfg, tuple(sorted(node_config.items())))
     count, rows = answer_overlap_query(*query, site.data.digests)
-    return Matched(site.data.name, count, rows, site.report_dir)
+    return Matched(site.data.name, count, rows)

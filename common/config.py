@@ -64,6 +64,7 @@ class RunConfig:
     data: str = _setting("synthetic", None, "'synthetic' or a path to an .npz file", "the images the simulated hospitals share out")
     sites: tuple[str, ...] = _setting((), None, "comma-separated site YAML files, or empty", "simulate these sites (one hospital per file) instead of sharing out `data`")
     heldout_site: str = _setting("", None, "a site YAML file, or empty", "the server's held-out set: every image of this site (default: built-in or the .npz test split)")
+    roster: str = _setting("", None, "a roster file, or empty", "deployment: the server operator's roster (server/roster.py): which registered node is which hospital; a reply claiming another hospital's name is refused")
     heldout_overlap: str = _setting("count", lambda v: v in OVERLAPS, f"one of {', '.join(OVERLAPS)}", "before training each hospital counts its images whose pixels equal a held-out image's (keyed digests; no image leaves); exclude: it also says which, and the server leaves those out of its held-out set")
     num_hospitals: int = _setting(4, _positive, "an integer >= 1", "simulated hospitals")
     images_per_hospital: int = _setting(600, lambda v: v >= 10, "an integer >= 10", "built-in data: images made per hospital on average")
@@ -94,6 +95,7 @@ class RunConfig:
 
 
 _FIELDS = {f.name.replace("_", "-"): f for f in dataclasses.fields(RunConfig)}
+RUN_SETTINGS = tuple(sorted(_FIELDS))  # every run setting's name, as users write it
 PROJECT = Path(__file__).resolve().parent.parent
 
 
@@ -146,7 +148,7 @@ def parse_run_config(raw: dict[str, Any], base_dir: Path | None = None) -> RunCo
     """Check every run setting and return the RunConfig; relative paths resolve against base_dir (default: cwd)."""
     unknown = sorted(set(raw) - set(_FIELDS))
     if unknown:
-        raise ConfigError(f"unknown run setting(s) {', '.join(map(repr, unknown))}; known settings: {', '.join(sorted(_FIELDS))}")
+        raise ConfigError(f"unknown run setting(s) {', '.join(map(repr, unknown))}; known settings: {', '.join(RUN_SETTINGS)}")
     values: dict[str, Any] = {}
     for key, value in raw.items():
         f = _FIELDS[key]
@@ -168,8 +170,10 @@ def _resolve_paths(cfg: RunConfig, base_dir: Path) -> RunConfig:
     sites = tuple(absolute(site) for site in cfg.sites)
     cfg = dataclasses.replace(
         cfg, data=data, sites=sites, heldout_site=absolute(cfg.heldout_site), initial_weights=absolute(cfg.initial_weights),
-        output_dir=absolute(cfg.output_dir), num_hospitals=len(sites) or cfg.num_hospitals,
+        output_dir=absolute(cfg.output_dir), num_hospitals=len(sites) or cfg.num_hospitals, roster=absolute(cfg.roster),
     )  # fmt: skip
+    if cfg.roster and not Path(cfg.roster).is_file():
+        raise ConfigError(f"run setting 'roster': file not found: {cfg.roster}")
     for key, path in [("sites", site) for site in sites] + [("heldout-site", cfg.heldout_site)]:
         if path and not Path(path).is_file():
             raise ConfigError(f"run setting '{key}': site file not found: {path}")

@@ -44,6 +44,15 @@ class Augmentation:
 
 
 @dataclass(frozen=True)
+class Policy:
+    """What a hospital accepts, enforced by its own worker before any work (a refusal reaches the server as its failure)."""
+
+    run_settings: dict[str, tuple] = dataclasses.field(default_factory=dict)  # run setting -> the values accepted
+    min_bin_images: int = 0  # the hospital's own histogram floor; the higher of it and the run's applies
+    max_rounds_per_day: int = 0  # training requests answered in any 24 hours; 0: no limit
+
+
+@dataclass(frozen=True)
 class SiteConfig:
     """One hospital's data, described by its IT staff in a YAML file (see deploy/sites/); paths are absolute."""
 
@@ -67,12 +76,13 @@ class SiteConfig:
     skip_unreadable: bool = False
     gpu: int = 0  # which GPU to use where TensorFlow sees one
     report_dir: Path | None = None  # where the site keeps its own report, skipped-file list and audit log
+    policy: Policy = Policy()
 
 
 _SITE_KEYS = {
     "name", "data-root", "layout", "labels", "negative-folders", "manifest", "image-column", "patient-column",
     "source-column", "source-subfolders", "npz", "val-fraction", "seed", "image-fit", "dicom", "augmentation",
-    "skip-unreadable", "gpu", "report-dir",
+    "skip-unreadable", "gpu", "report-dir", "policy",
 }  # fmt: skip
 
 
@@ -139,6 +149,25 @@ def _section(path: Path, raw: dict, key: str, cls: type) -> Any:
             raise _site_error(path, f"{key}.{name}", f"{value!r} is out of range: expected 0 to {180 if name == 'rotation-degrees' else 1}")
         values[f.name] = value
     return cls(**values)
+
+
+def _policy(path: Path, raw: dict) -> Policy:
+    """The 'policy' section: run-settings (setting -> accepted values), min-bin-images, max-rounds-per-day."""
+    section = raw.get("policy") or {}
+    if not isinstance(section, dict):
+        raise _site_error(path, "policy", f"expected a mapping, got {section!r}")
+    unknown = sorted(set(map(str, section)) - {"run-settings", "min-bin-images", "max-rounds-per-day"})
+    if unknown:
+        raise _site_error(path, "policy", f"unknown key(s) {', '.join(unknown)}; known: run-settings, min-bin-images, max-rounds-per-day")
+    accepted = section.get("run-settings") or {}
+    if not isinstance(accepted, dict) or not all(isinstance(v, list) and v for v in accepted.values()):
+        raise _site_error(path, "policy.run-settings", f"expected a mapping from run settings to lists of accepted values, got {accepted!r}")
+    counts = {}
+    for key in ("min-bin-images", "max-rounds-per-day"):
+        counts[key] = _typed(path, section, key, int, 0, "policy.")
+        if counts[key] < 0:
+            raise _site_error(path, f"policy.{key}", f"{counts[key]} is out of range: expected an integer >= 0")
+    return Policy({str(k): tuple(v) for k, v in accepted.items()}, counts["min-bin-images"], counts["max-rounds-per-day"])
 
 
 def _labels(path: Path, raw: dict) -> dict[str, str]:
@@ -220,6 +249,7 @@ def load_site_config(path: str | Path) -> SiteConfig:
         source_subfolders=source_subfolders, val_fraction=float(val_fraction), seed=seed, image_fit=image_fit,
         dicom=_section(path, raw, "dicom", DicomSettings), augmentation=_section(path, raw, "augmentation", Augmentation),
         skip_unreadable=_typed(path, raw, "skip-unreadable", bool, False), gpu=gpu, report_dir=report_dir,
+        policy=_policy(path, raw),
     )  # fmt: skip
 
 

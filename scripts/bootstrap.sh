@@ -19,6 +19,25 @@ if ! "$python" -c 'import sys; sys.exit(not ((3, 11) <= sys.version_info[:2] <= 
 fi
 
 extras=$(IFS=,; echo "$*")
+
+# The deployment tests start Debian's nginx (the Fleet-only proxy) and use curl and setpriv as an outsider and as the
+# ClientApps' own user would. As root (CI) they are installed here; otherwise, name what to install.
+if [[ ",$extras," == *,test,* ]]; then
+  missing=()
+  command -v nginx >/dev/null 2>&1 || [ -x /usr/sbin/nginx ] || missing+=(nginx-light)
+  command -v curl >/dev/null 2>&1 || missing+=(curl)
+  command -v setpriv >/dev/null 2>&1 || missing+=(util-linux)
+  if [ ${#missing[@]} -gt 0 ]; then
+    if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+      echo "fedimaging: installing ${missing[*]} for the deployment tests..."
+      apt-get install -y -q "${missing[@]}" >/dev/null 2>&1 \
+        || { apt-get update -q >/dev/null && apt-get install -y -q "${missing[@]}" >/dev/null; }
+    else
+      echo "fedimaging: the deployment tests need ${missing[*]}: apt-get install ${missing[*]} (as root)" >&2
+      exit 1
+    fi
+  fi
+fi
 stamp=".venv/.installed-$(cat pyproject.toml | sha256sum | cut -c1-16)-${extras:-base}"
 if [ ! -x .venv/bin/python ]; then
   "$python" -m venv .venv

@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import socket
 import ssl
 import subprocess
@@ -62,20 +63,30 @@ def start_superlink(flwr_home: Path, env: dict[str, str], options: list[str], ca
         [str(BIN / "flower-superlink"), *options, "--host", "127.0.0.1", "--port", str(port), "--disable-runtime-dependency-installation"],
         stdout=log, stderr=subprocess.STDOUT, start_new_session=True, cwd=flwr_home, env=env,
     )  # fmt: skip
+    try:
+        wait_for_health(process, port, ca_file, flwr_home / "superlink.log")
+    except RunFailed:
+        stop(process, flwr_home)
+        raise
+    return process, port
+
+
+def wait_for_health(process: subprocess.Popen, port: int, ca_file: Path | None, log: Path, timeout: float = 60) -> None:
+    """Wait until the SuperLink on 127.0.0.1:port answers its health check (over TLS trusting ca_file, where given);
+    RunFailed with the end of its log where it exits or does not answer in time."""
     scheme = "https" if ca_file else "http"
     context = ssl.create_default_context(cafile=str(ca_file)) if ca_file else None
-    deadline = time.time() + 60
+    deadline = time.time() + timeout
     while time.time() < deadline:
         if process.poll() is not None:
-            raise RunFailed(f"the SuperLink exited at start (code {process.returncode}):\n{(flwr_home / 'superlink.log').read_text()[-2000:]}")
+            raise RunFailed(f"the SuperLink exited at start (code {process.returncode}):\n{log.read_text()[-2000:] if log.exists() else ''}")
         try:
             with urllib.request.urlopen(f"{scheme}://127.0.0.1:{port}/health", timeout=1, context=context) as reply:
                 if reply.status == 200:
-                    return process, port
+                    return
         except OSError:
             time.sleep(0.3)
-    stop(process, flwr_home)
-    raise RunFailed("the SuperLink did not become ready within 60 s")
+    raise RunFailed(f"the SuperLink did not become ready within {timeout:.0f} s")
 
 
 def stop(process: subprocess.Popen, flwr_home: Path) -> None:
@@ -105,25 +116,34 @@ def stop(process: subprocess.Popen, flwr_home: Path) -> None:
         process.wait(1)
 
 
-def run_outcome(connection: str, env: dict[str, str]) -> tuple[str, str]:
-    """(status, details) of the one run on the private SuperLink, from `flwr ls --format json`."""
+def started_run(output: str) -> str | None:
+    """The run id `flwr run` printed ('Successfully started run <id>'), or None."""
+    found = re.search(r"started run (\d+)", output)
+    return found.group(1) if found else None
+
+
+def run_outcome(connection: str, env: dict[str, str], run_id: str | None = None) -> tuple[str, str]:
+    """(status, details) of a run, from `flwr ls --format json`: the one with run_id, else the one run there is (a
+    private SuperLink's)."""
     out = subprocess.run([str(BIN / "flwr"), "ls", connection, "--format", "json"], env=env, cwd=PROJECT, capture_output=True, text=True, timeout=60)
     try:
         runs = json.loads(out.stdout)["runs"]
     except (json.JSONDecodeError, KeyError):
         return "unknown", f"`flwr ls` answered: {out.stdout.strip()[-500:]} {out.stderr.strip()[-500:]}"
+    if run_id is not None:
+        runs = [r for r in runs if str(r.get("run-id")) == run_id]
     if len(runs) != 1:
-        return "unknown", f"expected one run on the private SuperLink, found {len(runs)}"
+        return "unknown", f"expected one run {run_id or ''} on the SuperLink, found {len(runs)}"
     return runs[0]["status"], runs[0].get("status-details", "")
 
 
 
 
-def outcome(connection: str, env: dict[str, str], folder: Path) -> None:
+def outcome(connection: str, env: dict[str, str], folder: Path, run_id: str | None = None) -> None:
     """Raise RunFailed saying why, unless the run finished every round it set out to: the run folder's status.json
     says how the run ended where the ServerApp could say it; where it could not (it crashed, or never started),
     Flower's own status says it, and the status is marked failed with that reason."""
-    flower, details = run_outcome(connection, env)
+    flower, details = run_outcome(connection, env, run_id)
     status = read_status(folder)
     if status is not None and status.get("status") == FINISHED and flower == "finished:completed":
         return

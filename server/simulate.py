@@ -23,6 +23,7 @@ from typing import Any
 
 from common.config import RunConfig, config_to_dict, describe_settings, parse_overrides, parse_run_config, project_settings
 from common.errors import ConfigError, DataError
+from common.deployment import write_secret
 from common.partition import assign_hospitals, pool_labels
 from common.site_file import load_site_config, site_label_sources
 from common.site_index import index_site
@@ -81,7 +82,10 @@ def simulate(cfg: RunConfig) -> Path:
     short = "/tmp" if os.access("/tmp", os.W_OK) else None
     with tempfile.TemporaryDirectory(prefix="flwr-home-") as home, tempfile.TemporaryDirectory(prefix="fi-ray-", dir=short) as ray_tmp:
         flwr_home = Path(home)
-        env = {**flower_env(flwr_home), "RAY_TMPDIR": ray_tmp}
+        # Ray's processes listen on every interface (Ray 2.55 has no setting for it): each request must carry this run's
+        # random token, kept in the run's private temporary folder, or Ray refuses it.
+        token = write_secret(Path(ray_tmp) / "ray-token")
+        env = {**flower_env(flwr_home), "RAY_TMPDIR": ray_tmp, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(token)}
         settings = flwr_home / "run-config.toml"
         write_run_config(settings, cfg)
         superlink, port = start_superlink(flwr_home, env, ["--insecure", "--simulation", "--isolation", "subprocess"])

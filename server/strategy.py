@@ -20,6 +20,7 @@ from common.metrics import (
     auc_from_histograms, counts_at_edge, figures, log_loss_from_histograms, operating_point, per_label, sensitivity, specificity, threshold_edge,
 )  # fmt: skip
 from server.aggregation import ServerAdam, weighted_mean
+from server.roster import load_roster
 
 log = logging.getLogger(__name__)
 
@@ -65,7 +66,8 @@ class HospitalFedAvg(FedAvg):
         )
         self.cfg = cfg
         self.weight_shapes = weight_shapes
-        self.sites: dict[int, str] = {}  # node id -> site name, learnt from replies (valid ones, and failures that name it)
+        self.roster = load_roster(cfg.roster) if cfg.roster else {}  # node id -> the hospital its key was registered for
+        self.sites: dict[int, str] = {n: r.name for n, r in self.roster.items()}  # node id -> site name: the roster's, else learnt
         self.sent: dict[str, list[int]] = {}  # phase -> node ids asked this round
         self.record = RoundRecord()
         self.server_adam = ServerAdam(cfg.server_learning_rate, trainable) if cfg.aggregation == "fedadam" else None
@@ -92,7 +94,7 @@ class HospitalFedAvg(FedAvg):
             replied.add(node_id)
             if msg.has_error():
                 site, line = wire.parse_error(msg.error.reason)
-                if site is not None and node_id not in self.sites:
+                if site is not None and node_id not in self.sites and not self.roster:  # without a roster, a name said is all there is
                     self.sites[node_id] = site
                 self._fail(node_id, phase, f"client error: {line}")
                 continue
@@ -100,6 +102,7 @@ class HospitalFedAvg(FedAvg):
             self.record.received.append({"phase": phase, "node_id": node_id, "bytes": summary["bytes"], "sha256": summary["sha256"]})
             try:
                 reply = parse(msg.content)
+                self._check_identity(node_id, reply.site)
             except wire.ReplyError as exc:
                 self.record.n_rejected += 1
                 self._fail(node_id, phase, f"invalid reply: {exc}")
@@ -112,6 +115,15 @@ class HospitalFedAvg(FedAvg):
             if node_id not in replied:
                 self._fail(node_id, phase, f"no reply within round-timeout ({self.cfg.round_timeout:g} s)")
         return accepted
+
+    def _check_identity(self, node_id: int, claimed: str) -> None:
+        """With a roster, a reply must come from a registered node and carry the name its key was registered for."""
+        if not self.roster:
+            return
+        if node_id not in self.roster:
+            raise wire.ReplyError(f"node {node_id} is not in the roster {self.cfg.roster}: its key was not registered with `server.superlink register`")
+        if claimed != self.roster[node_id].name:
+            raise wire.ReplyError(f"claims to be {claimed!r}, but this node's key is registered for {self.roster[node_id].name!r}")
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
         """Start a new round record and remember whom we asked to train."""

@@ -136,11 +136,19 @@ def test_every_reply_is_in_the_hospitals_audit_log_with_the_hash_the_server_comp
 
 
 @pytest.fixture
-def worker(tmp_path):
-    """A hospital's training worker running in its own process, as client.supernode starts it; stopped afterwards."""
+def site_file(small_cfg, tmp_path):
+    """Hospital 1 of the small run written as a site on disk: class folders and a site file."""
+    from common.demo_sites import write_demo_sites
+
+    return write_demo_sites(small_cfg, tmp_path / "sites")[1]
+
+
+@pytest.fixture
+def worker(tmp_path, site_file):
+    """A hospital's worker running in its own process for that site, as client.supernode starts it; stopped afterwards."""
     folder = tmp_path / "worker"
     folder.mkdir(mode=0o700)  # client.supernode makes it
-    process = subprocess.Popen([sys.executable, "-m", "client.worker", "--folder", str(folder)])
+    process = subprocess.Popen([sys.executable, "-m", "client.worker", "--folder", str(folder), "--site", str(site_file)])
     deadline = time.monotonic() + 120
     while not (folder / SOCKET_FILE).exists():
         assert process.poll() is None and time.monotonic() < deadline, "the worker did not start"
@@ -150,35 +158,46 @@ def worker(tmp_path):
     process.wait(20)
 
 
-def test_through_the_long_lived_worker_the_replies_hold_the_same_kind_of_content(small_cfg, worker, tmp_path):
+def test_through_the_worker_the_replies_are_the_hospitals_own_and_audited_by_it(small_cfg, worker, site_file, tmp_path):
     weights = build_model(small_cfg.model, (32, 32, 1), 1, small_cfg.learning_rate).get_weights()
     for round_ in (1, 2):  # the worker keeps the site and model between messages
-        train = _call(MessageType.TRAIN, weights, small_cfg, run_folder=tmp_path, worker_socket=str(worker))
-        assert not train.has_error()
+        # the caller names another hospital and a run folder: the worker answers for its own site file only
+        train = _call(MessageType.TRAIN, weights, small_cfg, hospital=2, run_folder=tmp_path / "elsewhere", worker_socket=str(worker))
+        assert not train.has_error(), train.error
         parsed = wire.parse_train_reply(train.content, [w.shape for w in weights], small_cfg.labels)
-        assert parsed.site == "hospital-1" and parsed.num_examples == len(hospital_data(small_cfg, 1)[0])
-        evaluate = _call(MessageType.EVALUATE, weights, small_cfg, run_folder=tmp_path, worker_socket=str(worker))
+        assert parsed.site == "hospital-1" and parsed.num_examples > 0
+        evaluate = _call(MessageType.EVALUATE, weights, small_cfg, worker_socket=str(worker))
         assert set(evaluate.content[wire.METRICS].keys()) == wire.EVALUATE_METRIC_KEYS
-    assert len((tmp_path / "hospitals" / "hospital-1" / "audit.jsonl").read_text().splitlines()) == 4  # audited in the ClientApp
+    from common.audit import read_audit
+
+    entries = read_audit(site_file.parent / "reports" / "hospital-1")  # written by the worker, in the site's report-dir
+    assert [e["type"] for e in entries] == ["train", "evaluate"] * 2 and not (tmp_path / "elsewhere").exists()
 
 
-def test_the_worker_refuses_strangers_and_its_failures_reach_the_caller_in_words(small_cfg, worker, tmp_path):
+def test_the_worker_refuses_strangers_never_unpickles_and_its_refusals_reach_the_caller_in_words(small_cfg, worker, tmp_path):
     import multiprocessing.connection as mpc
+    import pickle
 
     with pytest.raises(mpc.AuthenticationError):
         mpc.Client(str(worker), family="AF_UNIX", authkey=b"not the key")
     assert oct(worker.parent.stat().st_mode & 0o777) == "0o700" and oct((worker.parent / "worker.key").stat().st_mode & 0o777) == "0o600"
     weights = build_model(small_cfg.model, (32, 32, 1), 1, small_cfg.learning_rate).get_weights()
-    with pytest.raises(WorkerError, match="hospital 7 does not exist"):
-        call(str(worker), "train", config_to_dict(small_cfg), {"partition-id": 7}, weights)
-    with pytest.raises(WorkerError, match="unknown request 'predict'"):
-        call(str(worker), "predict", config_to_dict(small_cfg), {"partition-id": 1}, weights)
-    with mpc.Client(str(worker), family="AF_UNIX", authkey=(worker.parent / "worker.key").read_bytes()) as connection:
-        connection.send((0, "train", {}, {}, []))  # a ClientApp of another fedimaging version
-        status, message = connection.recv()
-    assert status == "error" and "install the same fedimaging version" in message
+    ok, said = call(str(worker), "predict", config_to_dict(small_cfg), weights, {})
+    assert not ok and said == "[site hospital-1] ValueError: unknown request 'predict': expected one of train, score, overlap"
+    key = (worker.parent / "worker.key").read_bytes()
+    with mpc.Client(str(worker), family="AF_UNIX", authkey=key) as connection:
+        connection.send_bytes(b'{"protocol": 0, "kind": "train", "run_config": {}}')  # a ClientApp of another fedimaging version
+        connection.send_bytes(b"")
+        assert "install the same fedimaging version" in connection.recv_bytes().decode()
+    marker = tmp_path / "pickle-ran"
+    evil = pickle.dumps(type("Evil", (), {"__reduce__": lambda self: (open, (str(marker), "w"))})())
+    with mpc.Client(str(worker), family="AF_UNIX", authkey=key) as connection:
+        connection.send(evil)  # a pickle, as a rogue ClientApp holding the key might send
+        connection.send_bytes(b"")
+        assert "does not decode" in connection.recv_bytes().decode()
+    assert not marker.exists()  # nothing the caller sent was unpickled
     with pytest.raises(WorkerError, match="does not answer"):
-        call(str(tmp_path / "gone" / SOCKET_FILE), "train", config_to_dict(small_cfg), {"partition-id": 1}, weights)
+        call(str(tmp_path / "gone" / SOCKET_FILE), "train", config_to_dict(small_cfg), weights, {})
 
 
 def test_a_process_keeps_only_the_sites_that_fit_its_cache(small_cfg, monkeypatch):
@@ -198,23 +217,24 @@ def test_a_process_keeps_only_the_sites_that_fit_its_cache(small_cfg, monkeypatc
     assert [dict(node)["partition-id"] for _, node in training._sites] == [1, 0, 2]
 
 
-def test_the_hospital_stops_when_its_worker_dies_and_says_so(tmp_path, capsys):
+def test_the_hospital_stops_when_any_of_its_processes_ends_even_with_code_0(tmp_path, capsys):
     from client.supernode import stop_all, supervise
 
     socket_path = tmp_path / SOCKET_FILE
     socket_path.touch()
-    node = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
-    worker = subprocess.Popen([sys.executable, "-c", "raise SystemExit(3)"])
-    try:
-        assert supervise(node, worker, socket_path) == 1
-    finally:
-        stop_all([node, worker])
-    assert node.returncode is not None and "the training worker stopped (code 3)" in capsys.readouterr().err
+    for name, code in (("training worker", 3), ("SuperNode", 0)):  # a SuperNode whose registration is refused exits 0
+        sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+        ending = subprocess.Popen([sys.executable, "-c", f"raise SystemExit({code})"])
+        try:
+            assert supervise({"other": sleeper, name: ending}, socket_path) == 1
+        finally:
+            stop_all([sleeper, ending])
+        assert sleeper.returncode is not None and f"the {name} stopped (code {code})" in capsys.readouterr().err
     node = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
     worker = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
     socket_path.unlink()  # as a /tmp cleaner would
     try:
-        assert supervise(node, worker, socket_path) == 1
+        assert supervise({"SuperNode": node, "training worker": worker}, socket_path) == 1
     finally:
         stop_all([node, worker])
     assert "is gone" in capsys.readouterr().err

@@ -6,6 +6,7 @@ from __future__ import annotations
 import datetime as dt
 import importlib.util
 import json
+import os
 import shutil
 import socket
 from pathlib import Path
@@ -29,14 +30,23 @@ certificates = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(certificates)
 
 
+def private_images(site_files) -> None:
+    """Make each site's images readable by their owner only, as a hospital keeps them (the ClientApp user must not read them)."""
+    from common.site_file import load_site_config
+
+    for path in site_files:
+        os.chmod(load_site_config(path).data_root, 0o700)
+
+
 def test_the_rehearsal_trains_over_tls_refuses_intruders_and_the_audit_logs_match_what_arrived(tmp_path, capsys, own_flower_processes):
     demo = parse_run_config({**project_settings(), "num-hospitals": 2, "images-per-hospital": 60, "heldout-images": 30, "image-size": 32})
     *site_files, heldout = write_demo_sites(demo, tmp_path / "sites")
+    private_images(site_files)
     certs = rehearse.make_certificates(tmp_path, ["hospital-0", "hospital-1", "intruder"])
     cfg = rehearse.rehearsal_config(tmp_path, heldout, hospitals=2, rounds=2, overrides={"run-name": "rehearsal"})
     with rehearse.federation(tmp_path) as fed:
         for name, site_file in zip(("hospital-0", "hospital-1"), site_files):
-            rehearse.register(fed, certs / "hospitals" / f"{name}.pub")
+            rehearse.register(fed, certs / "hospitals" / f"{name}.pub", name)
             rehearse.start_supernode(fed, site_file, certs / "hospitals" / name, name)
         unregistered = rehearse.start_supernode(fed, site_files[1], certs / "hospitals" / "intruder", "intruder")
         plaintext = rehearse.start_supernode(fed, site_files[1], None, "plaintext", insecure=True, worker=False)
@@ -44,13 +54,14 @@ def test_the_rehearsal_trains_over_tls_refuses_intruders_and_the_audit_logs_matc
         code = supernode.main(["--site", str(site_files[1]), "--superlink", fed.address, "--insecure"])
         assert code == 2 and f"SuperLink {fed.address} runs with TLS: connect without --insecure" in capsys.readouterr().err
         folder = rehearse.run(fed, cfg)
-        assert unregistered.wait(60) != 0 and plaintext.poll() is None  # refused at once; the plaintext one never gets in
+        assert unregistered.wait(60) != 0 and plaintext.wait(60) != 0  # both refused at once, neither got in
     log = (tmp_path / "logs" / "intruder.log").read_text()
     assert "Failed to activate SuperNode" in log
     for name in ("hospital-0", "hospital-1"):  # one long-lived worker per hospital loaded its site once for all 5 messages
         node_log = (tmp_path / "logs" / f"{name}.log").read_text()
         assert node_log.count("[worker] ready on") == 1 and node_log.count(f"[{name}] ") == 1, node_log[-2000:]
-    assert "Connection attempt failed" in (tmp_path / "logs" / "plaintext.log").read_text()
+        assert "unisolated" not in node_log  # the server's code ran as the ClientApp user
+    assert "400 Bad Request" in (tmp_path / "logs" / "plaintext.log").read_text()  # the proxy's answer to plain HTTP on its TLS port
     assert not own_flower_processes()
 
     history = pd.read_csv(folder / "history.csv")
@@ -102,14 +113,14 @@ def test_bad_certificates_give_one_line_saying_what_to_fix(certs, tmp_path):
         superlink_command(SuperLinkSetup(certs=tmp_path / "missing"))
     expired = tmp_path / "expired"
     shutil.copytree(certs, expired)
-    certificates.make_superlink_cert(expired, ["127.0.0.1"], days=1, valid_from=dt.datetime.now(dt.timezone.utc) - dt.timedelta(days=3))
+    certificates.make_superlink_cert(expired, ["127.0.0.1"], days=1, valid_from=dt.datetime.now(dt.timezone.utc) - dt.timedelta(days=3), force=True)
     with pytest.raises(DeploymentError, match="SuperLink certificate .*expired on .*renew it"):
         superlink_command(SuperLinkSetup(certs=expired))
     mismatched = tmp_path / "mismatched"
     shutil.copytree(certs, mismatched)
     other = tmp_path / "other"
     shutil.copytree(certs, other)
-    certificates.make_superlink_cert(other, ["127.0.0.1"])
+    certificates.make_superlink_cert(other, ["127.0.0.1"], force=True)
     shutil.copy(other / "superlink.key", mismatched / "superlink.key")
     with pytest.raises(DeploymentError, match="superlink.key does not belong to the certificate"):
         superlink_command(SuperLinkSetup(certs=mismatched))
@@ -165,35 +176,46 @@ def test_a_superlink_certificate_from_another_ca_is_refused_before_connecting(ce
     server.close()
 
 
-def test_the_superlink_start_command_serves_tls_with_the_checked_certificates(certs, tmp_path, site_file):
-    """`python -m server.superlink` as an operator runs it, from a shell whose PATH lacks this installation."""
-    import os
+def test_the_superlink_command_listens_only_where_told_and_registers_into_the_roster(certs, tmp_path, site_file):
+    """`python -m server.superlink` as an operator runs it, from a shell whose PATH lacks this installation: nginx on the
+    --listen address, the SuperLink and its SuperExec on loopback only; `register` writes the roster."""
     import subprocess
     import sys
     import time
 
     import psutil
 
-    port = free_port()
-    env = {**os.environ, "PATH": "/usr/bin:/bin", "FLWR_HOME": str(tmp_path / "flwr-home")}
-    command = [sys.executable, "-m", "server.superlink", "--certs", str(certs), "--host", "127.0.0.1", "--port", str(port)]
-    process = subprocess.Popen(command, cwd=PROJECT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+    listen, internal = free_port(), free_port()
+    env = {**os.environ, "PATH": "/usr/bin:/bin:/usr/sbin:/sbin"}
+    command = [sys.executable, "-m", "server.superlink", "--certs", str(certs), "--listen", f"127.0.0.1:{listen}",
+               "--state", str(tmp_path / "state"), "--internal-port", str(internal)]  # fmt: skip
+    process = subprocess.Popen(command, cwd=PROJECT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
     try:
-        deadline, answered = time.time() + 60, False
-        while time.time() < deadline and not answered and process.poll() is None:
-            try:  # a hospital's start checks pass against it: it answers over TLS with a certificate our CA signed
-                supernode_command(SuperNodeSetup(site_file, f"127.0.0.1:{port}", certs / "ca.crt", certs / "hospitals" / "st-marys"))
-                answered = True
-            except DeploymentError:
-                time.sleep(0.5)
-        assert answered, process.stdout.read1().decode() if process.poll() is not None else "no answer within 60 s"
-        time.sleep(2)
-        assert process.poll() is None  # still serving (it starts flower-superexec by name: PATH must reach it)
+        lines = []
+        while not any("hospitals connect to" in line for line in lines):
+            line = process.stdout.readline()
+            assert line or process.poll() is None, "".join(lines)
+            lines.append(line)
+        # a hospital's start checks pass against it: it answers over TLS with a certificate our CA signed
+        supernode_command(SuperNodeSetup(site_file, f"127.0.0.1:{listen}", certs / "ca.crt", certs / "hospitals" / "st-marys"))
+        tree = [psutil.Process(process.pid), *psutil.Process(process.pid).children(recursive=True)]
+        listening = {(c.laddr.ip, c.laddr.port) for p in tree for c in p.net_connections("tcp") if c.status == psutil.CONN_LISTEN}
+        assert listening == {("127.0.0.1", listen), ("127.0.0.1", internal)}, listening  # nothing on every interface
+        registered = subprocess.run([sys.executable, "-m", "server.superlink", "register", "--certs", str(certs), "--state", str(tmp_path / "state"),
+                                     "--name", "st-marys", "--key", str(certs / "hospitals" / "st-marys.pub"), "--images", "120"],
+                                    cwd=PROJECT, env=env, capture_output=True, text=True, timeout=120)  # fmt: skip
+        assert registered.returncode == 0, registered.stderr
+        from server.roster import load_roster
+
+        (entry,) = load_roster(certs / "roster.yaml").values()
+        assert entry.name == "st-marys" and entry.images == 120 and f"node {entry.node_id}" in registered.stdout
+        time.sleep(1)
+        assert process.poll() is None  # still serving
+        assert oct((tmp_path / "state" / "linkstate.db").stat().st_mode & 0o777) == "0o600"
     finally:
-        procs = [psutil.Process(process.pid), *psutil.Process(process.pid).children(recursive=True)] if process.poll() is None else []
-        for p in procs:
-            p.terminate()
-        psutil.wait_procs(procs, timeout=15)
+        process.terminate()
+        assert process.wait(60) == 0
+    assert not psutil.wait_procs(tree, timeout=20)[1]  # nginx, the SuperLink and its SuperExec stopped with it
 
 
 def test_the_rehearsal_runs_the_hospitals_site_files_it_is_given(tmp_path, capsys, own_flower_processes):
@@ -201,6 +223,7 @@ def test_the_rehearsal_runs_the_hospitals_site_files_it_is_given(tmp_path, capsy
     report folder), the held-out set is that site; nothing is ignored."""
     demo = parse_run_config({**project_settings(), "num-hospitals": 2, "images-per-hospital": 40, "heldout-images": 20, "image-size": 32})
     *site_files, heldout = write_demo_sites(demo, tmp_path / "mine")
+    private_images(site_files)
     for path, name in zip(site_files, ("st-anne", "riverside")):
         path.write_text(path.read_text().replace(f"name: {path.stem}", f"name: {name}"))
     code = rehearse.main([
@@ -221,6 +244,7 @@ def test_the_rehearsal_runs_the_hospitals_site_files_it_is_given(tmp_path, capsy
 def test_a_rehearsal_whose_hospitals_cannot_train_fails_naming_each(tmp_path, capsys, own_flower_processes):
     demo = parse_run_config({**project_settings(), "num-hospitals": 2, "images-per-hospital": 30, "heldout-images": 20, "image-size": 32})
     *site_files, heldout = write_demo_sites(demo, tmp_path / "broken")
+    private_images(site_files)
     for name in ("hospital-0", "hospital-1"):
         (tmp_path / "broken" / name / "lesion" / "corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"\0" * 40)
     overrides = f"sites='{site_files[0]},{site_files[1]}' heldout-site='{heldout}'"
@@ -232,7 +256,7 @@ def test_a_rehearsal_whose_hospitals_cannot_train_fails_naming_each(tmp_path, ca
     cfg = rehearse.rehearsal_config(tmp_path, heldout, hospitals=2, rounds=2, overrides={"run-name": "broken"})
     with rehearse.federation(tmp_path) as fed:
         for name, site_file in zip(("hospital-0", "hospital-1"), site_files):
-            rehearse.register(fed, certs / "hospitals" / f"{name}.pub")
+            rehearse.register(fed, certs / "hospitals" / f"{name}.pub", name)
             rehearse.start_supernode(fed, site_file, certs / "hospitals" / name, name)
         with pytest.raises(rehearse.RunFailed) as failed:
             rehearse.run(fed, cfg)

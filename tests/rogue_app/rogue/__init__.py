@@ -1,0 +1,1 @@
+"""A rogue app for the security tests."""
