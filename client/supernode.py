@@ -18,7 +18,7 @@ exits non-zero, so that systemd or Docker restarts the hospital. Run `python -m 
 In containers (deploy/compose-hospital.yml) the ClientApps run in a container of their own, without the images:
 `--exchange DIR` then starts the worker and the SuperNode only, and puts the worker's socket, its key and the SuperExec
 secret in DIR, a volume the ClientApps' container mounts at the same path (readable by group --clientapp-gid there),
-where it runs `flower-superexec --plugin-type clientapp` against this SuperNode's runtime port (--runtime-host).
+where it runs `flower-superexec` against this SuperNode's runtime port (--runtime-host).
 """
 
 from __future__ import annotations
@@ -111,8 +111,8 @@ def _clientapp_env(home: Path) -> dict[str, str]:
     return {**keep, "FLWR_HOME": str(home), "HOME": str(home), "TMPDIR": str(home / "tmp"), "PYTHONDONTWRITEBYTECODE": "1"}
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Command line: check, then run the worker, the SuperNode and the ClientApps' SuperExec together."""
+def command_line() -> argparse.ArgumentParser:
+    """The hospital's start command's options."""
     parser = argparse.ArgumentParser(prog="python -m client.supernode", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--site", type=Path, required=True, help="this hospital's site YAML file")
     parser.add_argument("--superlink", required=True, help="the federation's address, host:port (the proxy in front of the SuperLink)")
@@ -126,6 +126,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--exchange", type=Path, help="the ClientApps run in another container that mounts this folder (see above); none run here")
     parser.add_argument("--clientapp-gid", type=int, help="with --exchange: the group id of the ClientApps' user in their container")
     parser.add_argument("--runtime-host", default="127.0.0.1", help="with --exchange: the address the runtime port listens on (the containers' network)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Command line: check, then run the worker, the SuperNode and the ClientApps' SuperExec together."""
+    parser = command_line()
     args = parser.parse_args(argv)
     if args.exchange is not None and args.clientapp_gid is None:
         parser.error("--exchange needs --clientapp-gid: the group of the ClientApps' user in the other container")

@@ -35,15 +35,20 @@ def _listen(text: str) -> tuple[str, int]:
     return host.strip("[]"), int(port)
 
 
-def _register(argv: list[str]) -> int:
-    """`register`: a hospital's public key, with the SuperLink and in the roster."""
+def register_command_line() -> argparse.ArgumentParser:
+    """`register`'s options."""
     parser = argparse.ArgumentParser(prog="python -m server.superlink register", description="Register a hospital's SuperNode key and add it to the roster.")
     parser.add_argument("--certs", type=Path, help="the certificate folder: the roster is written there (roster.yaml)")
     parser.add_argument("--state", type=Path, default=Path("state"), help="the running server's state folder")
     parser.add_argument("--name", required=True, help="the hospital's name, as in its site file")
     parser.add_argument("--key", type=Path, required=True, help="the hospital's public key (<name>.pub)")
     parser.add_argument("--images", type=int, help="the number of images the hospital declared it holds")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def _register(argv: list[str]) -> int:
+    """`register`: a hospital's public key, with the SuperLink and in the roster."""
+    args = register_command_line().parse_args(argv)
     try:
         hospital = register_hospital(args.state, args.certs, args.key, args.name, args.images)
     except (ConfigError, RunFailed, OSError) as exc:
@@ -53,18 +58,23 @@ def _register(argv: list[str]) -> int:
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Command line: check the certificates, start the server's processes, and keep them running until stopped."""
-    argv = sys.argv[1:] if argv is None else argv
-    if argv[:1] == ["register"]:
-        return _register(argv[1:])
+def command_line() -> argparse.ArgumentParser:
+    """The server's start command's options."""
     parser = argparse.ArgumentParser(prog="python -m server.superlink", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--certs", type=Path, help="folder with ca.crt, superlink.crt and superlink.key (deploy/certificates.py)")
     parser.add_argument("--listen", type=_listen, required=True, help="host:port hospitals connect to (nginx listens here; no default)")
     parser.add_argument("--state", type=Path, default=Path("state"), help="where the database, secret, logs and proxy files are kept")
     parser.add_argument("--internal-port", type=int, default=9091, help="the SuperLink's own port, on 127.0.0.1 only")
     parser.add_argument("--insecure", action="store_true", help="no TLS and no node authentication: local rehearsal only")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Command line: check the certificates, start the server's processes, and keep them running until stopped."""
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["register"]:
+        return _register(argv[1:])
+    args = command_line().parse_args(argv)
     try:
         if not args.insecure:
             if args.certs is None:
