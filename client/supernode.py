@@ -157,6 +157,10 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if args.insecure:
         print(INSECURE_WARNING, file=sys.stderr)
+    if user is not None:
+        print(f"fedimaging: the server's code (each run's ClientApp) runs as {user.name} (uid {user.uid}), who cannot read {site.data_root}", flush=True)
+    elif args.exchange is not None:
+        print(f"fedimaging: the server's code runs in the ClientApps' container, reaching this hospital through {folder} only", flush=True)
     if args.unisolated:
         print("WARNING: unisolated: the server's code (each run's ClientApp) runs as this user, with access to the images; for a local rehearsal only", file=sys.stderr)
     env = {"TF_CPP_MIN_LOG_LEVEL": "2", **flower_process_env()}
