@@ -166,7 +166,10 @@ def brier_score(probabilities: np.ndarray, labels: np.ndarray) -> float:
 
 
 def reliability(probabilities: np.ndarray, labels: np.ndarray, n_bins: int = 10) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Per probability decile: mean predicted probability, observed share of positives, and image count."""
+    """Per probability decile: mean predicted probability, observed share of positives, and image count (scores that
+    are not finite left out: the caller says how many)."""
+    finite = np.isfinite(probabilities)
+    probabilities, labels = probabilities[finite], labels[finite]
     which = np.minimum((probabilities * n_bins).astype(int), n_bins - 1)
     counts = np.bincount(which, minlength=n_bins)
     with np.errstate(invalid="ignore"):

@@ -1,16 +1,59 @@
-"""The next global model from the hospitals' weights: FedAvg's example-weighted mean, or FedAdam's step along it."""
+"""The next global model from the hospitals' weights: FedAvg's example-weighted mean, FedAdam's step along it, or a
+robust rule that bounds what one hospital can do (clipped mean, coordinate-wise median, trimmed mean, Multi-Krum).
+
+Which to choose (README, "Bounded influence"): fedavg or fedadam where every hospital is trusted; clipped-mean where
+one may be broken or hostile and hospitals differ (it keeps every hospital and their example weights, and caps how far
+any one moves the model); median and trimmed-mean only with five or more hospitals of similar data (they ignore example
+counts and pull towards the typical hospital, which costs accuracy under label skew); multikrum where up to
+krum-byzantine hospitals may collude and the rest are alike (it drops the hospitals furthest from the others).
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
 import numpy as np
+from flwr.app import ArrayRecord, RecordDict
+from flwr.serverapp.strategy.fedtrimmedavg import trim_mean
+from flwr.serverapp.strategy.multikrum import select_multikrum
 
 
 def weighted_mean(updates: list[list[np.ndarray]], counts: list[int]) -> list[np.ndarray]:
     """Each weight array averaged over the hospitals, weighted by their training images (FedAvg), in float64."""
     total = float(sum(counts))
     return [sum(update[i].astype(np.float64) * (n / total) for update, n in zip(updates, counts)) for i in range(len(updates[0]))]
+
+
+def clipped_mean(updates: list[list[np.ndarray]], counts: list[int], current: list[np.ndarray]) -> list[np.ndarray]:
+    """FedAvg of the updates after each one's change to the global model is scaled down to at most the median change's
+    norm (norm clipping, Sun et al. 2019): no hospital moves the model further than a typical one, in float64."""
+    deltas = [[u.astype(np.float64) - g.astype(np.float64) for u, g in zip(update, current)] for update in updates]
+    norms = [np.sqrt(sum(float(np.sum(d**2)) for d in delta)) for delta in deltas]
+    bound = float(np.median(norms))
+    scales = [min(1.0, bound / n) if n > 0 else 1.0 for n in norms]
+    mean = weighted_mean([[d * s for d in delta] for delta, s in zip(deltas, scales)], counts)
+    return [g.astype(np.float64) + m for g, m in zip(current, mean)]
+
+
+def median(updates: list[list[np.ndarray]]) -> list[np.ndarray]:
+    """The coordinate-wise median of the updates (FedMedian, Yin et al. 2018), example counts ignored, in float64."""
+    return [np.median(np.stack([u[i].astype(np.float64) for u in updates]), axis=0) for i in range(len(updates[0]))]
+
+
+def trimmed_mean(updates: list[list[np.ndarray]], fraction: float) -> list[np.ndarray]:
+    """The coordinate-wise mean after cutting the given fraction of the highest and of the lowest values (Flower's
+    FedTrimmedAvg rule), example counts ignored, in float64."""
+    return [trim_mean(np.stack([u[i].astype(np.float64) for u in updates]), fraction) for i in range(len(updates[0]))]
+
+
+def multikrum(updates: list[list[np.ndarray]], counts: list[int], byzantine: int) -> tuple[list[np.ndarray], list[int]]:
+    """Multi-Krum (Blanchard et al. 2017, Flower's selection rule): keep the n - byzantine updates closest to their
+    neighbours, and take their example-weighted mean; returns the mean and the positions kept."""
+    keep = max(1, len(updates) - byzantine)
+    contents = [RecordDict({"arrays": ArrayRecord([w.astype(np.float64) for w in u])}) for u in updates]
+    selected = {id(c) for c in select_multikrum(contents, byzantine, keep)}  # the same records, handed back
+    chosen = [i for i, c in enumerate(contents) if id(c) in selected]
+    return weighted_mean([updates[i] for i in chosen], [counts[i] for i in chosen]), chosen
 
 
 @dataclass

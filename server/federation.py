@@ -136,18 +136,27 @@ class _Run:
         with _timed(phases, "train"):  # the hospitals' training, the messages both ways, and aggregation
             replies = send_and_receive(grid, strategy.configure_train(rnd, self.arrays, self.config, grid), cfg.round_timeout, cfg.reply_poll_seconds)
             new_arrays, _ = strategy.aggregate_train(rnd, replies)
-        trained = new_arrays is not None
+        trained, previous = new_arrays is not None, self.arrays
         if trained:
             self.arrays = new_arrays
             with _timed(phases, "evaluate"):
                 replies = send_and_receive(grid, strategy.configure_evaluate(rnd, self.arrays, self.config, grid), cfg.round_timeout, cfg.reply_poll_seconds)
                 strategy.aggregate_evaluate(rnd, replies)
         else:
-            strategy.record.unavailable["global_auc"] = "no model was trained this round, so none was validated"
+            strategy.record.unavailable.setdefault("global_auc", "no model was trained this round, so none was validated")
         record = strategy.record
         with _timed(phases, "heldout"):
             self.model.set_weights(self.arrays.to_numpy_ndarrays())
             held = evaluate_heldout(self.model, self.heldout, cfg, record.thresholds)
+            if trained and not np.isfinite(held.logits).all():  # a model that scores no number is never the global model
+                bad = int((~np.isfinite(held.logits)).any(axis=1).sum())
+                record.unavailable["global_model"] = f"its scores of {bad} of {len(held.logits)} held-out images are not finite; the previous model is kept"
+                self.arrays, trained = previous, False
+                record.row = {k: float("nan") if isinstance(v, float) else v for k, v in record.row.items()}  # of the model kept out
+                record.thresholds = None
+                record.unavailable["global_auc"] = "the model the hospitals validated was kept out"
+                self.model.set_weights(self.arrays.to_numpy_ndarrays())
+                held = evaluate_heldout(self.model, self.heldout, cfg, record.thresholds)
         selection = judge(record.row, rnd)
         report = RoundReport(
             rnd, cfg, self.folder, record, held, self.heldout.labels, self.model, selection, trained and selection.beats(self.best),

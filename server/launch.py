@@ -33,12 +33,15 @@ class RunFailed(RuntimeError):
     """The run did not complete; the message says why."""
 
 
-def write_run_config(path: Path, cfg: RunConfig) -> Path:
-    """The run's resolved settings as a TOML file for `flwr run --run-config`; returns its path."""
-    def toml(value: Any) -> str:
-        return ("true" if value else "false") if isinstance(value, bool) else json.dumps(value)
+def toml_lines(settings: dict[str, Any]) -> str:
+    """Run settings as TOML lines (key = value)."""
+    return "".join(f"{k} = {('true' if v else 'false') if isinstance(v, bool) else json.dumps(v)}\n" for k, v in settings.items())
 
-    path.write_text("".join(f"{k} = {toml(v)}\n" for k, v in config_to_dict(cfg).items()))
+
+def write_run_config(path: Path, cfg: RunConfig, extra: dict[str, Any] | None = None) -> Path:
+    """The run's resolved settings (and a wrapping app's own, in extra) as a TOML file for `flwr run --run-config`;
+    returns its path."""
+    path.write_text(toml_lines({**config_to_dict(cfg), **(extra or {})}))
     return path
 
 

@@ -152,6 +152,8 @@ def plot_round(
         ax_rel.plot([0, 1], [0, 1], color="grey", lw=0.6, label="perfect calibration")
         ax_rel.plot(predicted[shown], observed[shown], "o-", color="tab:orange", label="held-out")
         ax_rel.set(title=f"{label}: reliability (held-out)", xlabel="predicted probability", ylabel="observed share with finding", xlim=(0, 1), ylim=(0, 1))
+        if not np.isfinite(probabilities).all():
+            _note(ax_rel, f"{int((~np.isfinite(probabilities)).sum())} of {len(probabilities)} held-out scores are not finite: left out")
         _legend(ax_rel, fontsize=8, loc="upper left")
     if sites:
         names = [s["site"] for s in sites]

@@ -76,7 +76,8 @@ class RoundReport:
             "n_sites": len(record.trained), "n_failed": len(record.failures), "n_rejected": record.n_rejected,
             "n_val": record.n_val, "train_loss": record.train_loss, "seconds": self.seconds, **self.phases,
             "selection_criterion": self.selection.criterion, "selection_value": self.selection.value, "best": self.best,
-            "failures": "; ".join(record.failures),
+            "failures": "; ".join(record.failures), "left_out_by_rule": "; ".join(record.left_out_by_rule),
+            "influence_warning": "; ".join(record.influence),
             "unavailable": "; ".join(f"{name}: {why}" for name, why in self.unavailable().items()),
         }  # fmt: skip
 

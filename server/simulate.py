@@ -73,8 +73,9 @@ def federation_config(cfg: RunConfig) -> str:
     return f"num-supernodes={cfg.num_hospitals} client-resources-num-cpus={cfg.threads_per_client} client-resources-num-gpus=0.0"
 
 
-def simulate(cfg: RunConfig) -> Path:
-    """Run the simulation to its end; returns the run folder, or raises RunFailed saying why."""
+def simulate(cfg: RunConfig, app: Path = PROJECT, extra: dict[str, Any] | None = None) -> Path:
+    """Run the simulation to its end; returns the run folder, or raises RunFailed saying why. Another Flower app folder
+    (one that wraps fedimaging's apps) may be run the same way, with its own run settings in extra."""
     folder = Path(cfg.output_dir) / cfg.run_name
     print(f"fedimaging: simulating {cfg.num_hospitals} hospitals for {cfg.num_server_rounds} rounds; run folder {folder}", flush=True)
     # Ray keeps Unix sockets in its temporary folder, whose paths may not exceed 107 bytes: a short folder of this run's
@@ -87,11 +88,11 @@ def simulate(cfg: RunConfig) -> Path:
         token = write_secret(Path(ray_tmp) / "ray-token")
         env = {**flower_env(flwr_home), "RAY_TMPDIR": ray_tmp, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(token)}
         settings = flwr_home / "run-config.toml"
-        write_run_config(settings, cfg)
+        write_run_config(settings, cfg, extra)
         superlink, port = start_superlink(flwr_home, env, ["--insecure", "--simulation", "--isolation", "subprocess"])
         try:
             write_connection(flwr_home, port)
-            command = [str(BIN / "flwr"), "run", str(PROJECT), CONNECTION, "--stream"]
+            command = [str(BIN / "flwr"), "run", str(app), CONNECTION, "--stream"]
             command += ["--run-config", str(settings), "--federation-config", federation_config(cfg)]
             subprocess.run(command, env=env, cwd=PROJECT, check=False)
             outcome(CONNECTION, env, folder)

@@ -19,7 +19,9 @@ from common.config import RunConfig
 from common.metrics import (
     auc_from_histograms, counts_at_edge, figures, log_loss_from_histograms, operating_point, per_label, sensitivity, specificity, threshold_edge,
 )  # fmt: skip
-from server.aggregation import ServerAdam, weighted_mean
+from server.aggregation import ServerAdam, clipped_mean, median, multikrum, trimmed_mean, weighted_mean
+from server.defences import Bounds, check_count, check_weights, finite_model
+from server.influence import leave_one_out
 from server.roster import load_roster
 
 log = logging.getLogger(__name__)
@@ -31,6 +33,9 @@ class RoundRecord:
 
     asked: int = 0  # hospitals asked to train
     trained: dict[str, int] = field(default_factory=dict)  # site -> training images
+    update_norms: dict[str, float] = field(default_factory=dict)  # site -> its update's size relative to the global model
+    left_out_by_rule: list[str] = field(default_factory=list)  # valid updates the robust rule did not average (multikrum)
+    influence: list[str] = field(default_factory=list)  # sites that move the pooled figures more than their bounds allow
     skipped: dict[str, int] = field(default_factory=dict)  # site -> unreadable files it left out (skip-unreadable)
     not_images: dict[str, int] = field(default_factory=dict)  # site -> files holding no image
     evaluated: list[str] = field(default_factory=list)
@@ -72,6 +77,8 @@ class HospitalFedAvg(FedAvg):
         self.record = RoundRecord()
         self.server_adam = ServerAdam(cfg.server_learning_rate, trainable) if cfg.aggregation == "fedadam" else None
         self.current: list[np.ndarray] = []  # the global weights sent out this round
+        declared = {r.name: r.images for r in self.roster.values() if r.images is not None}
+        self.bounds = Bounds(cfg.max_update_norm, cfg.max_examples, declared)
 
     def site_of(self, node_id: int) -> str:
         """A node's site name where a reply has told it, else its node id."""
@@ -83,9 +90,9 @@ class HospitalFedAvg(FedAvg):
         self.record.failures.append(entry)
         log.warning("round reply left out: %s", entry)
 
-    def accept(self, phase: str, replies: Iterable[Message], parse: Callable) -> list:
-        """Parse every reply; record errors (in one line, under the site they name), invalid content and nodes that
-        never replied, each once."""
+    def accept(self, phase: str, replies: Iterable[Message], parse: Callable, bound: Callable = lambda reply: None) -> list:
+        """Parse every reply, check who sent it and that it keeps the bounds; record errors (in one line, under the site
+        they name), invalid content and nodes that never replied, each once."""
         accepted, replied = [], set()
         for msg in replies:
             node_id = msg.metadata.src_node_id
@@ -103,11 +110,12 @@ class HospitalFedAvg(FedAvg):
             try:
                 reply = parse(msg.content)
                 self._check_identity(node_id, reply.site)
+                self.sites[node_id] = reply.site  # who it is, known now: a reply out of bounds is named
+                bound(reply)
             except wire.ReplyError as exc:
                 self.record.n_rejected += 1
                 self._fail(node_id, phase, f"invalid reply: {exc}")
                 continue
-            self.sites[node_id] = reply.site
             accepted.append(reply)
         for entry in self.record.received:
             entry.setdefault("site", self.site_of(entry["node_id"]))
@@ -140,11 +148,16 @@ class HospitalFedAvg(FedAvg):
         self.sent["evaluate"] = [m.metadata.dst_node_id for m in messages]
         return messages
 
+    def _bound_train(self, reply: wire.TrainReply) -> None:
+        """A train reply's weights and claimed count within the bounds (server/defences.py); its update's size recorded."""
+        check_count(reply.site, reply.num_examples, "training", self.bounds)
+        self.record.update_norms[reply.site] = check_weights(reply.weights, self.current, self.bounds)
+
     def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        """Example-weighted mean of the valid replies' weights (or FedAdam's step towards it); None (keep the global
-        model) below min-hospitals."""
+        """The valid replies' weights combined by the run's aggregation rule; None (keep the global model) below
+        min-hospitals, or where the combination is not a usable model (recorded)."""
         parse = lambda content: wire.parse_train_reply(content, self.weight_shapes, self.cfg.labels)  # noqa: E731
-        accepted: list[wire.TrainReply] = self.accept("train", replies, parse)
+        accepted: list[wire.TrainReply] = self.accept("train", replies, parse, self._bound_train)
         self.record.trained = {r.site: r.num_examples for r in accepted}
         self.record.skipped = {r.site: r.skipped for r in accepted}
         self.record.not_images = {r.site: r.not_images for r in accepted}
@@ -155,22 +168,45 @@ class HospitalFedAvg(FedAvg):
             )  # fmt: skip
             return None, None
         total = sum(r.num_examples for r in accepted)
-        weights = weighted_mean([r.weights for r in accepted], [r.num_examples for r in accepted])
-        if self.server_adam is not None:
-            weights = self.server_adam.step(self.current, weights)
+        weights = self.combine(accepted)
         self.record.train_loss = sum(r.train_loss * r.num_examples for r in accepted) / total
+        dtypes = [w.dtype for w in self.current]
+        why = finite_model(weights, dtypes)
+        if why:
+            self.record.unavailable["global_model"] = f"{self.cfg.aggregation}: {why}; the previous model is kept"
+            self.record.unavailable["global_auc"] = "the previous model was kept, so none was validated"
+            log.warning("round %d: %s; the previous global model is kept", server_round, why)
+            return None, None
         metrics = MetricRecord({wire.NUM_EXAMPLES: total, wire.TRAIN_LOSS: self.record.train_loss})
-        return ArrayRecord([w.astype(accepted[0].weights[i].dtype) for i, w in enumerate(weights)]), metrics
+        return ArrayRecord([w.astype(dtypes[i]) for i, w in enumerate(weights)]), metrics
+
+    def combine(self, accepted: list[wire.TrainReply]) -> list[np.ndarray]:
+        """The next global weights from the accepted updates, by the run's aggregation rule (server/aggregation.py)."""
+        cfg, updates, counts = self.cfg, [r.weights for r in accepted], [r.num_examples for r in accepted]
+        if cfg.aggregation == "clipped-mean":
+            return clipped_mean(updates, counts, self.current)
+        if cfg.aggregation == "median":
+            return median(updates)
+        if cfg.aggregation == "trimmed-mean":
+            return trimmed_mean(updates, cfg.trim_fraction)
+        if cfg.aggregation == "multikrum":
+            weights, kept = multikrum(updates, counts, cfg.krum_byzantine)
+            self.record.left_out_by_rule = [r.site for i, r in enumerate(accepted) if i not in kept]
+            return weights
+        weights = weighted_mean(updates, counts)
+        return self.server_adam.step(self.current, weights) if self.server_adam is not None else weights
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
         """Pool the valid replies' score intervals into global figures; each site's own figures beside them."""
         cfg = self.cfg
         parse = lambda content: wire.parse_evaluate_reply(content, cfg.labels, cfg.histogram_bins, cfg.min_bin_images)  # noqa: E731
-        accepted: list[wire.EvaluateReply] = self.accept("evaluate", replies, parse)
+        accepted: list[wire.EvaluateReply] = self.accept("evaluate", replies, parse, lambda r: check_count(r.site, r.num_examples, "validation", self.bounds))
         record = self.record
         record.evaluated = [r.site for r in accepted]
         record.n_val = sum(r.num_examples for r in accepted)
         pooled_row(record, accepted, cfg)
+        loo, record.influence = leave_one_out(accepted, cfg)
+        record.row |= loo
         record.sites = [site_row(r, cfg, record) for r in accepted]
         record.row |= site_spread(record.sites)
         return MetricRecord({k: float(v) for k, v in record.row.items() if isinstance(v, (int, float))})
@@ -241,6 +277,7 @@ def site_row(reply: wire.EvaluateReply, cfg: RunConfig, record: RoundRecord) -> 
         notes += [] if exact else [f"{label}: sensitivity and specificity not available: fewer than min-bin-images = {k} of its images on one side of the threshold"]
     return {
         "site": reply.site, "n_train": record.trained.get(reply.site, 0), "n_val": reply.num_examples,
+        "update_norm": record.update_norms.get(reply.site, float("nan")),
         **per_label("auc", aucs, labels), **per_label("sensitivity", sens, labels), **per_label("specificity", spec, labels),
         "intervals": "/".join(str(int(((i.pos + i.neg) > 0).sum())) for i in reply.intervals),
         "skipped_files": record.skipped.get(reply.site, 0), "not_images": record.not_images.get(reply.site, 0), "note": "; ".join(notes),

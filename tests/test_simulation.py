@@ -62,7 +62,8 @@ def test_a_two_round_simulation_writes_a_complete_run_folder(tmp_path, capfd, ow
     assert "randomisation test" in out
 
     sites = pd.read_csv(folder / "sites.csv")
-    assert list(sites.columns[:9]) == ["round", "site", "n_train", "n_val", "auc", "sensitivity", "specificity", "intervals", "note"]
+    assert list(sites.columns[:10]) == ["round", "site", "n_train", "n_val", "auc", "sensitivity", "specificity", "intervals", "note", "update_norm"]
+    assert sites["update_norm"].between(0, 10).all()  # every honest update well inside max-update-norm
     assert sorted(zip(sites["round"], sites["site"])) == [(r, f"hospital-{h}") for r in (1, 2) for h in range(3)]
     assert sites.groupby("round")["n_val"].sum().tolist() == later["n_val"].tolist()
     for h in range(3):  # each hospital's own report, kept at the hospital

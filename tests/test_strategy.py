@@ -32,6 +32,7 @@ def _strategy(**settings) -> HospitalFedAvg:
     cfg = parse_run_config({"num-hospitals": 4, "min-hospitals": 2, "histogram-bins": 50, **settings})
     strategy = HospitalFedAvg(cfg, SHAPES, [True, False])  # the second array stands for batch-norm statistics
     strategy.sent = {"train": [1, 2, 3, 4], "evaluate": [1, 2, 3]}
+    strategy.current = [np.ones(s, np.float32) for s in SHAPES]  # the global model sent out
     return strategy
 
 
@@ -56,7 +57,7 @@ def test_weights_are_averaged_by_image_count_and_bad_replies_are_recorded_by_sit
 
 
 def test_fedadam_steps_trainable_weights_towards_the_mean_and_takes_the_mean_for_statistics():
-    strategy = _strategy(aggregation="fedadam", **{"server-learning-rate": 0.1})
+    strategy = _strategy(aggregation="fedadam", **{"server-learning-rate": 0.1, "max-update-norm": 0})
     strategy.current = [np.zeros(s, np.float32) for s in SHAPES]
     replies = [_train_reply(1, "hospital-a", 1.0, 100), _train_reply(2, "hospital-b", 4.0, 300)]
     first = strategy.aggregate_train(1, replies)[0].to_numpy_ndarrays()

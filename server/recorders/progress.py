@@ -67,8 +67,12 @@ class ProgressRecorder(Recorder):
             )
         for failure in report.record.failures:
             say(f"  failed: {failure}")
+        if report.record.left_out_by_rule:
+            say(f"  not averaged by {cfg.aggregation} (furthest from the others): {', '.join(report.record.left_out_by_rule)}")
         for name, why in report.unavailable().items():
             say(f"  not available: {name}: {why}")
+        for warning in report.record.influence:
+            say(f"INFLUENCE WARNING round {report.round}: {warning}")
         for warning in report.warnings:
             say(f"GRAD-CAM WARNING round {report.round}: {warning}")
 

@@ -22,9 +22,9 @@ HISTORY_COLUMNS = [
     "heldout_npv_at_threshold", "heldout_f1_at_threshold", "heldout_accuracy_at_threshold", "heldout_brier",
     "gradcam_pointing", "gradcam_energy_in_box", "gradcam_border_energy", "gradcam_drift", "gradcam_warning",
     "n_sites", "n_failed", "n_rejected", "n_val", "train_loss", "seconds", "selection_criterion", "selection_value", "best",
-    "failures", "unavailable",
+    "failures", "left_out_by_rule", "loo_auc_shift", "loo_sensitivity_shift", "loo_site", "influence_warning", "unavailable",
 ]  # fmt: skip  (per-label columns '<figure>__<label>' and the rest follow these)
-SITE_COLUMNS = ["round", "site", "n_train", "n_val", "auc", "sensitivity", "specificity", "intervals", "note"]
+SITE_COLUMNS = ["round", "site", "n_train", "n_val", "auc", "sensitivity", "specificity", "intervals", "note", "update_norm"]
 
 
 def ordered(rows: list[dict[str, Any]], first: list[str]) -> pd.DataFrame:
