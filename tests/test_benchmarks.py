@@ -86,3 +86,10 @@ def test_the_small_sites_benchmark_measures_the_floors_cost_against_the_exact_au
     assert sorted(table["floor"].unique()) == [1, 3, 5, 10] and len(table) == 2 * 4
     assert ((table["low"] <= table["exact"] + 1e-9) & (table["exact"] <= table["high"] + 1e-9)).all()
     assert (tmp_path / "small-sites-summary.csv").is_file() and (tmp_path / "small-sites.png").is_file()
+
+
+def test_the_robustness_benchmark_runs_an_attacked_federation_under_a_robust_rule(tmp_path):
+    _run("robustness.py", "--only", "flip/multikrum", "--rounds", "1", "--images", "40", "--results", str(tmp_path))
+    table = pd.read_csv(tmp_path / "robustness.csv")
+    assert table["scenario"].tolist() == ["flip/multikrum"] and table["aggregation"].tolist() == ["multikrum"]
+    assert table["left_out_by_rule"].tolist() == [1] and table["heldout_auc"].between(0, 1).all()  # the flipped hospital, left out

@@ -3,8 +3,7 @@ Flower messages; each attack meets the defence meant for it, and the hospital is
 
 from __future__ import annotations
 
-import shutil
-import tomllib
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -20,9 +19,11 @@ from server import simulate
 from server.aggregation import clipped_mean, median, multikrum, trimmed_mean
 from server.defences import finite_model, relative_update_norm
 from server.influence import leave_one_out
-from server.launch import toml_lines
 from server.roster import Registered, add_to_roster
 from server.strategy import HospitalFedAvg
+
+sys.path.insert(0, str(Path(__file__).resolve().parent / "attack_app"))
+from attack_maker import make_attack_app  # noqa: E402 - tests/attack_app/attack_maker.py
 
 SHAPES = [(4, 3), (3,)]
 LABELS = ("lesion",)
@@ -175,27 +176,11 @@ def test_leaving_each_site_out_names_a_site_whose_fabricated_histograms_move_the
     assert np.isnan(row["loo_auc_shift"]) and row["loo_site"] == "" and warnings == []
 
 
-def _attack_app(folder: Path) -> Path:
-    """tests/attack_app as a Flower app folder: its code, and fedimaging's run settings with the attack's beside them."""
-    source = Path(__file__).resolve().parent / "attack_app"
-    shutil.copytree(source / "attack_app", folder / "attack_app")
-    settings = tomllib.loads((source.parent.parent / "pyproject.toml").read_text())["tool"]["flwr"]["app"]["config"]
-    config = toml_lines(settings)
-    (folder / "pyproject.toml").write_text(
-        '[build-system]\nrequires = ["setuptools>=68"]\nbuild-backend = "setuptools.build_meta"\n\n'
-        '[project]\nname = "attack-app"\nversion = "0.0.1"\ndependencies = ["flwr==1.42.*"]\n\n'
-        '[tool.setuptools]\npackages = ["attack_app"]\n\n[tool.flwr.app]\npublisher = "tests"\n\n'
-        '[tool.flwr.app.components]\nserverapp = "attack_app.server_app:app"\nclientapp = "attack_app.client_app:app"\n\n'
-        f'[tool.flwr.app.config]\n{config}attack-hospital = -1\nattack-plan = "none"\n'
-    )
-    return folder
-
-
 def test_one_hospital_of_five_attacking_each_round_is_named_and_the_federation_still_learns(tmp_path, own_flower_processes):
     """Real Flower simulation, plain FedAvg with the default bounds: hospital-4 sends its weights x1e6, then float64
     1e300, then claims 10^9 images, then trains honestly. Each attack is refused and named, the run finishes, and the
     federation learns (this configuration's clean run reaches a held-out AUC of 0.89 in 8 rounds, measured once)."""
-    app = _attack_app(tmp_path / "app")
+    app = make_attack_app(tmp_path / "app")
     settings = {"num-hospitals": 5, "images-per-hospital": 300, "heldout-images": 200, "image-size": 32, "num-server-rounds": 8,
                 "local-epochs": 3, "gradcam-images": 0, "output-dir": str(tmp_path / "runs"), "run-name": "attacked", "min-hospitals": 3}  # fmt: skip
     folder = simulate.simulate(simulate.prepare(settings), app, {"attack-hospital": 4, "attack-plan": "scale,float64,count"})
