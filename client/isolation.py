@@ -12,7 +12,7 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from common.deployment import CREATE_USER, DEFAULT_USER, closed_folders, run_as
+from common.deployment import CREATE_USER, closed_folders, run_as
 from common.tls import DeploymentError
 
 

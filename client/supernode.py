@@ -27,7 +27,6 @@ import argparse
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -37,7 +36,7 @@ from pathlib import Path
 from client.hospital import check_policy_names
 from client.isolation import AppUser, app_user, check_isolation, private_home
 from client.worker import KEY_FILE, SOCKET_FILE
-from common.deployment import DEFAULT_USER, INSECURE_WARNING, SuperNodeSetup, flower_process_env, superexec_command, supernode_command, write_secret
+from common.deployment import DEFAULT_USER, INSECURE_WARNING, SuperNodeSetup, flower_process_env, listening, superexec_command, supernode_command, write_secret
 from common.errors import ConfigError
 from common.site_file import load_site_config
 from common.tls import DeploymentError
@@ -64,16 +63,12 @@ def exit_code(returncode: int) -> int:
 def wait_for_port(process: subprocess.Popen, port: int, what: str, timeout: float = 60) -> None:
     """Wait until something listens on 127.0.0.1:port; DeploymentError if the process exits or it takes too long."""
     deadline = time.monotonic() + timeout
-    while True:
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=1):
-                return
-        except OSError:
-            if process.poll() is not None:
-                raise DeploymentError(f"the {what} exited at start-up with code {exit_code(process.returncode)} (its output is above)") from None
-            if time.monotonic() > deadline:
-                raise DeploymentError(f"the {what} did not start listening on 127.0.0.1:{port} within {timeout:.0f} s") from None
-            time.sleep(0.2)
+    while not listening("127.0.0.1", port):
+        if process.poll() is not None:
+            raise DeploymentError(f"the {what} exited at start-up with code {exit_code(process.returncode)} (its output is above)")
+        if time.monotonic() > deadline:
+            raise DeploymentError(f"the {what} did not start listening on 127.0.0.1:{port} within {timeout:.0f} s")
+        time.sleep(0.2)
 
 
 def supervise(processes: dict[str, subprocess.Popen], socket_path: Path) -> int:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import socket
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -124,6 +125,15 @@ def write_secret(path: Path, group: int | None = None) -> Path:
     finally:
         os.close(fd)
     return path
+
+
+def listening(host: str, port: int) -> bool:
+    """Whether something accepts TCP connections at host:port (an any-address host: asked on loopback)."""
+    try:
+        with socket.create_connection((host if host not in ("0.0.0.0", "::") else "127.0.0.1", port), timeout=1):
+            return True
+    except OSError:
+        return False
 
 
 def closed_folders() -> list[Path]:

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from common.errors import ConfigError
+from common.yaml_file import read_yaml
 
 LAYOUTS = ("folders", "manifest", "npz")
 FITS = ("pad", "crop", "stretch")  # how an image that is not square becomes the model's square input
@@ -185,15 +186,8 @@ def _labels(path: Path, raw: dict) -> dict[str, str]:
 
 def load_site_config(path: str | Path) -> SiteConfig:
     """Read and check a site YAML file; relative paths resolve against the file's folder."""
-    import yaml
-
     path = Path(path).resolve()
-    try:
-        raw = yaml.safe_load(path.read_text())
-    except OSError as exc:
-        raise ConfigError(f"site file {path}: cannot be read ({exc.strerror})") from exc
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"site file {path}: not valid YAML ({str(exc).splitlines()[0]})") from exc
+    raw = read_yaml(path, "site file")
     if not isinstance(raw, dict):
         raise ConfigError(f"site file {path}: expected a mapping of settings, got {type(raw).__name__}")
     unknown = sorted(set(map(str, raw)) - _SITE_KEYS)

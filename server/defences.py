@@ -1,10 +1,10 @@
 """Bounded influence: what one hospital's reply may do to the federation, checked before it counts.
 
 A train reply is refused, and the hospital named, when its weights are not in the global model's dtypes (float64
-values of 1e300 are finite, and become inf once cast), hold a value that is not finite, or move the model further than
-`max-update-norm` times the global model's own size; and when it claims more training images than the hospital
-declared in the roster or than `max-examples`. An evaluate reply is refused when it claims more validation images than
-either. The aggregate itself is checked too: a global model that is not finite is kept out (server/strategy.py).
+values of 1e300 are finite, and become inf once cast; values that are not finite, or not floats, the reply's own
+check in common/wire.py refuses first), or move the model further than `max-update-norm` times the global model's own
+size; and when it claims more training images than the hospital declared in the roster or than `max-examples`. An
+evaluate reply is refused when it claims more validation images than either. The aggregate itself is checked too: a global model that is not finite is kept out (server/strategy.py).
 """
 
 from __future__ import annotations
@@ -33,13 +33,11 @@ def relative_update_norm(weights: list[np.ndarray], current: list[np.ndarray]) -
 
 
 def check_weights(weights: list[np.ndarray], current: list[np.ndarray], bounds: Bounds) -> float:
-    """Refuse (ReplyError, saying which array and why) weights of another dtype than the global model's, values that are
-    not finite, or an update larger than max-update-norm; returns the update's relative norm."""
+    """Refuse (ReplyError, saying which array and why) weights of another dtype than the global model's, or an update
+    larger than max-update-norm; returns the update's relative norm."""
     for i, (w, g) in enumerate(zip(weights, current)):
         if w.dtype != g.dtype:
             raise ReplyError(f"weight array {i} is {w.dtype}, the global model's is {g.dtype}")
-        if not np.isfinite(w).all():
-            raise ReplyError(f"weight array {i} holds {int(np.size(w) - np.isfinite(w).sum())} value(s) that are not finite")
     norm = relative_update_norm(weights, current)
     if bounds.max_update_norm and norm > bounds.max_update_norm:
         raise ReplyError(f"its update is {norm:.3g} times the global model's size, above max-update-norm = {bounds.max_update_norm:g}")

@@ -13,12 +13,12 @@ from __future__ import annotations
 import os
 import pwd
 import shutil
-import socket
 import subprocess
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from common.deployment import listening
 from common.tls import DeploymentError
 
 START_TIMEOUT = 20.0
@@ -101,15 +101,6 @@ http {{
 """
 
 
-def _answers(host: str, port: int) -> bool:
-    """Whether something accepts TCP connections at host:port."""
-    try:
-        with socket.create_connection((host if host not in ("0.0.0.0", "::") else "127.0.0.1", port), timeout=1):
-            return True
-    except OSError:
-        return False
-
-
 def start_proxy(setup: ProxySetup, env: dict[str, str] | None = None) -> subprocess.Popen:
     """Write nginx.conf into the setup's folder, check it, start nginx in the foreground and wait until it listens;
     DeploymentError (with nginx's own words) where it cannot."""
@@ -121,12 +112,12 @@ def start_proxy(setup: ProxySetup, env: dict[str, str] | None = None) -> subproc
     checked = subprocess.run([*base, "-t", "-q"], capture_output=True, text=True, env=env)
     if checked.returncode != 0:
         raise DeploymentError(f"nginx refuses its configuration {conf}: {checked.stderr.strip().splitlines()[-1] if checked.stderr.strip() else 'no reason given'}")
-    if _answers(setup.listen_host, setup.listen_port):
+    if listening(setup.listen_host, setup.listen_port):
         raise DeploymentError(f"{setup.listen_host}:{setup.listen_port} is in use already: choose another --listen address")
-    log = open(setup.folder / "nginx.out", "w")
-    process = subprocess.Popen([*base, "-g", "daemon off;"], stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    with open(setup.folder / "nginx.out", "w") as log:  # nginx keeps its own copy of the file
+        process = subprocess.Popen([*base, "-g", "daemon off;"], stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
     deadline = time.monotonic() + START_TIMEOUT
-    while not _answers(setup.listen_host, setup.listen_port):
+    while not listening(setup.listen_host, setup.listen_port):
         if process.poll() is not None or time.monotonic() > deadline:
             process.kill()
             errors = (setup.folder / "error.log").read_text() if (setup.folder / "error.log").exists() else ""

@@ -19,6 +19,7 @@ import yaml
 
 from common.atomic import write_text
 from common.errors import ConfigError
+from common.yaml_file import read_yaml
 
 ROSTER = "roster.yaml"
 
@@ -41,12 +42,7 @@ def key_digest(public_key: Path) -> str:
 
 def load_roster(path: Path) -> dict[int, Registered]:
     """node id -> the hospital registered with it; ConfigError naming the file and entry where it is broken."""
-    try:
-        raw = yaml.safe_load(Path(path).read_text()) or []
-    except OSError as exc:
-        raise ConfigError(f"roster {path}: cannot be read ({exc.strerror})") from exc
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"roster {path}: not valid YAML ({str(exc).splitlines()[0]})") from exc
+    raw = read_yaml(path, "roster") or []
     if not isinstance(raw, list):
         raise ConfigError(f"roster {path}: expected a list of hospitals")
     roster: dict[int, Registered] = {}

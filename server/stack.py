@@ -23,7 +23,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from common.deployment import SuperLinkSetup, flower_process_env, superexec_command, superlink_command, write_secret
-from common.tls import DeploymentError
 from server.launch import BIN, PROJECT, QUIET_LOGS, RunFailed, stop, wait_for_health
 from server.proxy import ProxySetup, start_proxy
 from server.roster import ROSTER, Registered, add_to_roster, key_digest
