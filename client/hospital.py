@@ -86,7 +86,8 @@ def answer(kind: str, run_config: dict, node_config: dict, payload, meta: dict) 
             check_policy(site, kind, run_config, folder)
         from client import training  # TensorFlow loads here, once per process
 
-        done = getattr(training, kind)(run_config, node_config, payload)
+        rnd = (int(meta.get("server_round", 0)),) if kind == "train" else ()  # a round's training draws by its number
+        done = getattr(training, kind)(run_config, node_config, payload, *rnd)
         content = _pack(kind, done, cfg.labels)
         if kind == "score" and folder is not None:
             append_site_report(folder, meta.get("server_round", 0), done.num_examples, done.own_figures, done.left_out)

@@ -29,7 +29,8 @@ from common.bin_floor import floor_intervals  # noqa: E402
 from common.config import RunConfig, parse_run_config  # noqa: E402
 from common.metrics import figures, statistics, threshold_edge  # noqa: E402
 from common.model import reset_optimizer, run_model, set_anchor, weigh_classes  # noqa: E402
-from common.pipeline import dataset  # noqa: E402
+from common.pipeline import batches, dataset, decoded  # noqa: E402
+from common.privacy import add_gaussian_noise, clip_update, local_stddev  # noqa: E402
 from common.runtime import configure_tensorflow  # noqa: E402
 from common.scan import NOT_AN_IMAGE, UNREADABLE  # noqa: E402
 from common.site_data import SiteData, hospital_site  # noqa: E402
@@ -48,9 +49,11 @@ class _Site:
     """A hospital's data and its input pipelines, kept while the process serves it (a cached pipeline keeps its images)."""
 
     data: SiteData
-    train: tf.data.Dataset
+    train: tf.data.Dataset  # the training images decoded, unbatched, in file order (batched anew each round)
     val: tf.data.Dataset
     floor: int  # the histogram floor: the run's min-bin-images, or the site's policy where that is higher
+    seed: int  # the run's seed plus the site's own
+    augmentation: Augmentation
 
 
 LEFT_OUT = "left_out.csv"  # in a site's report-dir: every file left out (holding no image, or unreadable and skipped) and why
@@ -91,9 +94,9 @@ def _load_site(cfg: RunConfig, node_config: dict) -> _Site:
             write_csv(site.report_dir / LEFT_OUT, data.left_out)
     augmentation, dicom = (site.augmentation, site.dicom) if site is not None else (Augmentation(), DicomSettings())
     seed = cfg.seed + (site.seed if site is not None else 0)
-    train = dataset(data.train, cfg, training=True, seed=seed, augmentation=augmentation, dicom=dicom, fit=data.fit)
+    train = decoded(data.train, cfg, dicom=dicom, fit=data.fit)
     floor = max(cfg.min_bin_images, site.policy.min_bin_images if site is not None else 0)
-    return _Site(data, train, dataset(data.val, cfg, training=False, dicom=dicom, fit=data.fit), floor)
+    return _Site(data, train, dataset(data.val, cfg, training=False, dicom=dicom, fit=data.fit), floor, seed, augmentation)
 
 
 @functools.lru_cache(maxsize=1)
@@ -103,25 +106,49 @@ def _model(cfg: RunConfig) -> keras.Model:
     return run_model(cfg)
 
 
-def _setup(run_config: dict, node_config: dict, weights: list[np.ndarray]) -> tuple[RunConfig, _Site, keras.Model]:
-    """Parse the run, load this hospital's data and the global weights into the process's model."""
+def _setup(run_config: dict, node_config: dict, weights: list[np.ndarray], server_round: int | None = None) -> tuple[RunConfig, _Site, keras.Model]:
+    """Parse the run, load this hospital's data and the global weights into the process's model. To train in a
+    deterministic run the model is built afresh from the round's seed (its dropout draws then owe nothing to what the
+    process did before) and TensorFlow's ops run deterministically."""
     cfg = _run_config(tuple(sorted(run_config.items())))
     site = _site(cfg, tuple(sorted(node_config.items())))
+    if cfg.deterministic and server_round is not None:
+        _model.cache_clear()
+        tf.config.experimental.enable_op_determinism()
+        keras.utils.set_random_seed(round_seed(site.seed, server_round))
     model = _model(cfg)
     model.set_weights(weights)
     return cfg, site, model
 
 
-def train(run_config: dict, node_config: dict, weights: list[np.ndarray]) -> Trained:
+def round_seed(seed: int, server_round: int) -> int:
+    """The seed of a site's training in one round: the same site and round draw the same order and augmentation in any
+    process, before or after a resume."""
+    return int(np.random.SeedSequence([seed, server_round]).generate_state(1)[0])
+
+
+def train(run_config: dict, node_config: dict, weights: list[np.ndarray], server_round: int = 0) -> Trained:
     """Fit the global weights on this hospital's training images for the run's local epochs."""
-    cfg, site, model = _setup(run_config, node_config, weights)
+    cfg, site, model = _setup(run_config, node_config, weights, server_round)
     reset_optimizer(model)
     set_anchor(model)  # FedProx: the global weights just received
     labels = site.data.train.labels
     weigh_classes(model, labels, cfg.class_weighting)
-    history = model.fit(site.train, epochs=cfg.local_epochs, shuffle=False, verbose=0)  # the pipeline shuffles
+    images = batches(site.train, len(labels), cfg, training=True, seed=round_seed(site.seed, server_round), augmentation=site.augmentation)
+    history = model.fit(images, epochs=cfg.local_epochs, shuffle=False, verbose=0)  # the pipeline shuffles
     data = site.data
-    return Trained(data.name, model.get_weights(), len(labels), float(history.history["loss"][-1]), data.count(UNREADABLE), data.count(NOT_AN_IMAGE))
+    return Trained(data.name, private(cfg, model.get_weights(), weights), len(labels), float(history.history["loss"][-1]), data.count(UNREADABLE), data.count(NOT_AN_IMAGE))
+
+
+def private(cfg: RunConfig, trained: list[np.ndarray], received: list[np.ndarray]) -> list[np.ndarray]:
+    """The weights as they may leave the hospital under the run's differential privacy: the update clipped to
+    dp-clip-norm, and with dp = local noised here too (from the operating system's entropy: never repeatable)."""
+    if cfg.dp == "off":
+        return trained
+    clipped, _ = clip_update(trained, received, cfg.dp_clip_norm)
+    if cfg.dp == "local":
+        return add_gaussian_noise(clipped, local_stddev(cfg.dp_noise_multiplier, cfg.dp_clip_norm), np.random.default_rng())
+    return clipped
 
 
 def score(run_config: dict, node_config: dict, weights: list[np.ndarray]) -> Scored:

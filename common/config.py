@@ -18,6 +18,7 @@ LOSSES = ("bce", "focal")
 WEIGHTINGS = ("none", "balanced")
 AGGREGATIONS = ("fedavg", "fedadam", "clipped-mean", "median", "trimmed-mean", "multikrum")
 OVERLAPS = ("count", "exclude")
+PRIVACY = ("off", "central", "local")
 
 
 def _setting(default: Any, check: Callable[[Any], bool] | None = None, allowed: str = "", doc: str = "") -> Any:
@@ -53,9 +54,16 @@ class RunConfig:
     max_examples: int = _setting(1_000_000, lambda v: v >= 0, "an integer >= 0 (0: off)", "a reply claiming more training or validation images than this (or than the hospital declared in the roster) is refused, naming the hospital")
     max_site_auc_shift: float = _setting(0.05, lambda v: 0 <= v <= 1, "a number in [0, 1] (0: off)", "warn, naming the site, when leaving one site out moves the pooled validation AUC by more than this")
     max_site_sensitivity_shift: float = _setting(0.15, lambda v: 0 <= v <= 1, "a number in [0, 1] (0: off)", "warn, naming the site, when leaving one site out moves the other sites' sensitivity at the operating point by more than this")
+    dp: str = _setting("off", lambda v: v in PRIVACY, f"one of {', '.join(PRIVACY)}", "differential privacy of each hospital's update (common/privacy.py): central: every hospital clips its update to dp-clip-norm in its own code and the server adds Gaussian noise to their unweighted mean; local: every hospital also adds the noise itself, so nothing un-noised leaves it")
+    dp_clip_norm: float = _setting(1.0, _positive, "a number > 0", "dp: the largest L2 norm of a hospital's update (its weights minus the global model's, whole model); larger updates are scaled down to it")
+    dp_noise_multiplier: float = _setting(1.0, lambda v: v >= 0, "a number >= 0", "dp: the noise's standard deviation in units of dp-clip-norm (on the sum of the updates); more noise, less epsilon spent per round")
+    dp_delta: float = _setting(1e-5, lambda v: 0 < v < 1, "a number in (0, 1)", "dp: the delta of the (epsilon, delta) budget the run reports each round (history.csv dp_epsilon)")
     proximal_mu: float = _setting(0.0, lambda v: v >= 0, "a number >= 0 (0: off)", "FedProx: weight mu of the term mu/2 ||w - w_global||^2 in each hospital's training loss (the reported train loss includes it)")
     min_hospitals: int = _setting(2, _positive, "an integer >= 1", "fewest hospitals a round may start with")
-    round_timeout: float = _setting(600.0, _positive, "a number of seconds > 0", "how long the server waits for replies")
+    round_timeout: float = _setting(600.0, _positive, "a number of seconds > 0", "how long the server waits for replies in each phase of a round; who has not replied by then is recorded as timed out, and a reply that comes later as late")
+    round_quorum: float = _setting(1.0, _fraction, "a number in (0, 1]", "a phase goes on quorum-grace seconds after this share of the hospitals asked has replied (1: wait for all, up to round-timeout)")
+    quorum_grace: float = _setting(60.0, lambda v: v >= 0, "a number of seconds >= 0", "round-quorum below 1: how long a phase still waits for the others once the quorum has replied")
+    node_wait: float = _setting(300.0, lambda v: v >= 0, "a number of seconds >= 0", "how long a phase waits for hospitals that are not connected (the roster's, else those seen earlier in the run, and at least min-hospitals) before going on with those present; the run fails when fewer than min-hospitals are")
     reply_poll_seconds: float = _setting(0.1, lambda v: 0 < v <= 10, "a number of seconds in (0, 10]", "how often the server asks the SuperLink for the hospitals' replies (Flower's own default: 3 s when deployed)")
     early_stop_rounds: int = _setting(0, lambda v: v >= 0, "an integer >= 0 (0: off)", "stop after this many rounds without a better model by the selection criterion (pooled validation AUC, else pooled validation log loss)")
     model: str = _setting("lightcnn", lambda v: v in MODELS, f"one of {', '.join(MODELS)}", "the CNN (common/model.py)")
@@ -89,6 +97,8 @@ class RunConfig:
     shortcut_hospital: int = _setting(-1, lambda v: v >= -1, "a hospital index, or -1 for none", "simulated shortcut: a marker in one corner of this hospital's positive images")
     histogram_bins: int = _setting(400, lambda v: 10 <= v <= 10_000, "an integer in [10, 10000]", "score-histogram bins")
     seed: int = _setting(42, lambda v: v >= 0, "an integer >= 0", "seed for data, splits and initial weights")
+    deterministic: bool = _setting(False, None, "true or false", "repeatable figures: TensorFlow's ops run deterministically and each hospital's model is built afresh from the round's seed (slower); a resumed run then equals an uninterrupted one")
+    resume: str = _setting("", None, "a run folder, or empty", "continue this run folder after its last checkpointed round, with the settings in its config.json (`python -m server.simulate --resume FOLDER` sets it)")
     threads_per_client: int = _setting(1, _positive, "an integer >= 1", "TensorFlow threads per client process")
     mixed_precision: bool = _setting(False, None, "true or false", "train in mixed float16 on a hospital's GPU (no effect on a CPU)")
     output_dir: str = _setting("runs", None, "a folder path", "where run folders are written")
@@ -177,6 +187,7 @@ def _resolve_paths(cfg: RunConfig, base_dir: Path) -> RunConfig:
     cfg = dataclasses.replace(
         cfg, data=data, sites=sites, heldout_site=absolute(cfg.heldout_site), initial_weights=absolute(cfg.initial_weights),
         output_dir=absolute(cfg.output_dir), num_hospitals=len(sites) or cfg.num_hospitals, roster=absolute(cfg.roster),
+        resume=absolute(cfg.resume),
     )  # fmt: skip
     if cfg.roster and not Path(cfg.roster).is_file():
         raise ConfigError(f"run setting 'roster': file not found: {cfg.roster}")
@@ -199,6 +210,8 @@ def _resolve_paths(cfg: RunConfig, base_dir: Path) -> RunConfig:
         raise ConfigError(
             f"run setting 'min-hospitals' = {cfg.min_hospitals} exceeds 'num-hospitals' = {cfg.num_hospitals}: expected at most {cfg.num_hospitals}"
         )
+    if cfg.dp == "central" and cfg.aggregation != "fedavg":
+        raise ConfigError(f"run setting 'dp' = 'central' adds noise sized for the mean of the hospitals' updates: expected 'aggregation' = 'fedavg', not {cfg.aggregation!r}")
     if cfg.shortcut_hospital >= cfg.num_hospitals:
         raise ConfigError(
             f"run setting 'shortcut-hospital' = {cfg.shortcut_hospital}: expected -1 or a hospital below 'num-hospitals' = {cfg.num_hospitals}"

@@ -56,24 +56,33 @@ def _decoder(cfg: RunConfig, dicom: DicomSettings, fit: str):
     return decode
 
 
-def dataset(
-    data: SiteFiles | ImageSet, cfg: RunConfig, *, training: bool, seed: int = 0,
-    augmentation: Augmentation = Augmentation(), dicom: DicomSettings = DicomSettings(), fit: str = "pad",
-) -> tf.data.Dataset:  # fmt: skip
-    """Batches of (images (b, s, s, c), labels (b, n_labels) float32): shuffled and augmented when training, in order
-    otherwise; files are decoded and fitted to the square input as `fit` says (in-memory images are fitted already)."""
+def decoded(data: SiteFiles | ImageSet, cfg: RunConfig, *, dicom: DicomSettings = DicomSettings(), fit: str = "pad") -> tf.data.Dataset:
+    """Unbatched (image (s, s, c) float32 in [0, 1], labels (n_labels,) float32) in file order: files are decoded and
+    fitted to the square input as `fit` says (in-memory images are fitted already), and kept in memory where they fit."""
     labels = data.labels.astype(np.float32)
     if isinstance(data, ImageSet):
-        ds = tf.data.Dataset.from_tensor_slices((data.images, labels))
-    else:
-        ds = tf.data.Dataset.from_tensor_slices((data.paths.astype(str), labels))
-        ds = ds.map(_decoder(cfg, dicom, fit), num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-        if len(data) * cfg.image_size**2 * cfg.channels * 4 <= CACHE_BYTES:
-            ds = ds.cache()
-    if training:
-        ds = ds.shuffle(min(len(data), SHUFFLE_BUFFER), seed=seed, reshuffle_each_iteration=True)
+        return tf.data.Dataset.from_tensor_slices((data.images, labels))
+    ds = tf.data.Dataset.from_tensor_slices((data.paths.astype(str), labels))
+    ds = ds.map(_decoder(cfg, dicom, fit), num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    return ds.cache() if len(data) * cfg.image_size**2 * cfg.channels * 4 <= CACHE_BYTES else ds
+
+
+def batches(
+    images: tf.data.Dataset, n: int, cfg: RunConfig, *, training: bool, seed: int = 0, augmentation: Augmentation = Augmentation(),
+) -> tf.data.Dataset:  # fmt: skip
+    """Batches of (images (b, s, s, c), labels (b, n_labels)) of n decoded images: shuffled and augmented by `seed`
+    when training (the same seed, the same order and augmentation), in order otherwise."""
+    ds = images.shuffle(min(n, SHUFFLE_BUFFER), seed=seed, reshuffle_each_iteration=True) if training else images
     ds = ds.batch(cfg.batch_size if training else PREDICT_BATCH)
     augment = augmenter(augmentation, seed) if training else None
     if augment is not None:
         ds = ds.map(lambda x, y: (tf.clip_by_value(augment(x, training=True), 0.0, 1.0), y), num_parallel_calls=tf.data.AUTOTUNE)
     return ds.prefetch(tf.data.AUTOTUNE)
+
+
+def dataset(
+    data: SiteFiles | ImageSet, cfg: RunConfig, *, training: bool, seed: int = 0,
+    augmentation: Augmentation = Augmentation(), dicom: DicomSettings = DicomSettings(), fit: str = "pad",
+) -> tf.data.Dataset:  # fmt: skip
+    """Batches of (images (b, s, s, c), labels (b, n_labels) float32) of a site's images: decoded(), then batches()."""
+    return batches(decoded(data, cfg, dicom=dicom, fit=fit), len(data), cfg, training=training, seed=seed, augmentation=augmentation)

@@ -4,7 +4,8 @@ A train reply is refused, and the hospital named, when its weights are not in th
 values of 1e300 are finite, and become inf once cast; values that are not finite, or not floats, the reply's own
 check in common/wire.py refuses first), or move the model further than `max-update-norm` times the global model's own
 size; and when it claims more training images than the hospital declared in the roster or than `max-examples`. An
-evaluate reply is refused when it claims more validation images than either. The aggregate itself is checked too: a global model that is not finite is kept out (server/strategy.py).
+evaluate reply is refused when it claims more validation images than either. The aggregate itself is checked too: a global model that is not finite is kept out (server/strategy.py), and so is one
+whose held-out scores are not finite or have collapsed to one value (server/federation.py).
 """
 
 from __future__ import annotations
@@ -60,4 +61,26 @@ def finite_model(weights: list[np.ndarray], dtypes: list[np.dtype]) -> str:
         for i, (w, dtype) in enumerate(zip(weights, dtypes)):
             if not np.isfinite(w).all() or not np.isfinite(w.astype(dtype)).all():
                 return f"the aggregate's weight array {i} is not finite in {dtype}"
+    return ""
+
+
+def score_spread(logits: np.ndarray) -> float:
+    """The smallest standard deviation, over labels, of a model's finite held-out probabilities (logits (n, n_labels)):
+    0 where it gives every image the same probability, saturated ones included."""
+    if not np.isfinite(logits).any():
+        return 0.0
+    with np.errstate(over="ignore"):
+        probabilities = np.where(np.isfinite(logits), 1.0 / (1.0 + np.exp(-np.asarray(logits, np.float64))), np.nan)
+    return float(np.nanmin(np.nanstd(probabilities, axis=0)))
+
+
+def unusable_scores(logits: np.ndarray, previous_spread: float) -> str:
+    """Why a new global model must not replace the current one ('' where it may): scores that are not finite, or a
+    collapse (every held-out image given the same probability for a label, where the current model told them apart)."""
+    if not np.isfinite(logits).all():
+        bad = int((~np.isfinite(logits)).any(axis=1).sum())
+        return f"its scores of {bad} of {len(logits)} held-out images are not finite"
+    spread = score_spread(logits)
+    if previous_spread > 1e-4 and spread < 1e-7:
+        return f"it has collapsed: it gives every held-out image the same probability (spread {spread:.2g}, the current model's {previous_spread:.3g})"
     return ""

@@ -9,7 +9,6 @@ nothing about the hospital's other images. A hospital learns which of its images
 from __future__ import annotations
 
 import os
-import time
 from dataclasses import dataclass, field
 
 from flwr.app import Message, MessageType
@@ -34,23 +33,14 @@ class OverlapFound:
         return [f"{r['site']} holds {r['count']} of the {n_heldout} held-out images" for r in self.rows]
 
 
-def _connected(grid: Grid, cfg: RunConfig) -> list[int]:
-    """The hospitals connected now, once at least min-hospitals are (waiting up to round-timeout)."""
-    deadline = time.monotonic() + cfg.round_timeout
-    while len(nodes := list(grid.get_node_ids())) < cfg.min_hospitals and time.monotonic() < deadline:
-        time.sleep(1)
-    return nodes
-
-
 def check_overlap(grid: Grid, strategy: HospitalFedAvg, heldout: ImageSet, cfg: RunConfig) -> OverlapFound:
     """Ask every connected hospital how many of its images equal a held-out image; failures go to the strategy's
     current record (round 0), under the hospital's name, like any other failed reply."""
     which = cfg.heldout_overlap == "exclude"
     content = wire.pack_overlap_query(os.urandom(32), [str(d) for d in heldout.digest], which)
-    nodes = _connected(grid, cfg)
-    strategy.sent["overlap"] = nodes
+    nodes = strategy.ask(grid, "overlap", 0, 1.0)
     messages = [Message(content=content, dst_node_id=n, message_type=MessageType.QUERY) for n in nodes]
-    replies = send_and_receive(grid, messages, cfg.round_timeout, cfg.reply_poll_seconds)
+    replies = send_and_receive(grid, messages, cfg.round_timeout, cfg.reply_poll_seconds, cfg.round_quorum, cfg.quorum_grace)
     parse = lambda c: wire.parse_overlap_reply(c, cfg.labels, len(heldout))  # noqa: E731
     answers: list[wire.OverlapReply] = strategy.accept("overlap", replies, parse)
     rows = [{"site": a.site, "count": a.count, "heldout_rows": " ".join(map(str, a.rows)) if a.rows is not None else ""} for a in answers]

@@ -23,10 +23,11 @@ from server.strategy import RoundRecord
 
 @dataclass(frozen=True)
 class RunInfo:
-    """What a run starts with: its settings and folder (config.json written, nothing else yet)."""
+    """What a run starts with: its settings and folder (config.json written; nothing else yet, unless it resumes)."""
 
     cfg: RunConfig
     folder: Path
+    resumed: int | None = None  # the round whose checkpoint a resumed run goes on from; its files up to it stand
 
 
 @dataclass
@@ -76,8 +77,9 @@ class RoundReport:
             "n_sites": len(record.trained), "n_failed": len(record.failures), "n_rejected": record.n_rejected,
             "n_val": record.n_val, "train_loss": record.train_loss, "seconds": self.seconds, **self.phases,
             "selection_criterion": self.selection.criterion, "selection_value": self.selection.value, "best": self.best,
-            "failures": "; ".join(record.failures), "left_out_by_rule": "; ".join(record.left_out_by_rule),
+            "failures": "; ".join(record.failures), "late_replies": "; ".join(record.late), "left_out_by_rule": "; ".join(record.left_out_by_rule),
             "influence_warning": "; ".join(record.influence),
+            **record.privacy,
             "unavailable": "; ".join(f"{name}: {why}" for name, why in self.unavailable().items()),
         }  # fmt: skip
 

@@ -5,13 +5,18 @@ Ctrl-C), and anything that watches runs reads it; all through the functions here
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
+import fcntl
 import json
+import os
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 from common.atomic import write_text
-from common.config import RunConfig, config_to_dict
+from common.config import RunConfig, config_to_dict, parse_run_config
+from common.errors import ConfigError
 
 STATUS = "status.json"
 RUNNING, FINISHED, FAILED, INTERRUPTED = "running", "finished", "failed", "interrupted"
@@ -27,6 +32,40 @@ def make_run_folder(cfg: RunConfig) -> Path:
         raise FileExistsError(f"run folder {folder} exists already: choose another 'run-name'") from None
     write_text(folder / "config.json", json.dumps(config_to_dict(cfg), indent=2) + "\n")
     return folder
+
+
+def run_folder(cfg: RunConfig) -> Path:
+    """The folder a run writes into: the one it resumes, else output-dir/run-name."""
+    return Path(cfg.resume) if cfg.resume else Path(cfg.output_dir) / cfg.run_name
+
+
+def resumed_config(folder: Path) -> RunConfig:
+    """The settings of the run in folder (its config.json), set to resume it; ConfigError where it cannot be resumed:
+    no such run folder, or one that finished every round."""
+    folder = Path(folder).resolve()
+    try:
+        saved = json.loads((folder / "config.json").read_text())
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"resume: {folder} is not a run folder with a readable config.json ({type(exc).__name__}: {exc})") from None
+    status = read_status(folder) or {}
+    if status.get("status") == FINISHED:
+        raise ConfigError(f"resume: the run in {folder} finished ({status.get('reason', '')}); there is nothing to resume")
+    return parse_run_config(saved | {"resume": str(folder)}, base_dir=folder)
+
+
+@contextlib.contextmanager
+def hold(folder: Path) -> Iterator[None]:
+    """Hold the run folder for this process while the block runs (a lock on its config.json, which the kernel lets go
+    of when the process ends, however it ends); ConfigError where another process holds it."""
+    fd = os.open(Path(folder) / "config.json", os.O_RDONLY)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise ConfigError(f"run folder {folder} is in use: a running ServerApp holds it (stop that run first)") from None
+        yield
+    finally:
+        os.close(fd)
 
 
 def read_status(folder: Path) -> dict | None:

@@ -4,8 +4,10 @@ Checks the settings and runs the data check on every site file named, then start
 loopback ports with its own FLWR_HOME, submits the app with `flwr run --stream`, reads the run's real outcome from its
 folder's status.json (`flwr run` exits 0 even for a failed run) and stops every process it started. Exits 0 only when
 every round ran; 1 when the run failed (the reason is said); 2 on bad settings or data; 130 when interrupted.
+A run that stopped (a crash, Ctrl-C, a failure) goes on after its last checkpointed round with --resume.
 
     python -m server.simulate --run-config "num-server-rounds=5 partition='dirichlet'"
+    python -m server.simulate --resume runs/20261202-101500
 """
 
 from __future__ import annotations
@@ -28,7 +30,8 @@ from common.partition import assign_hospitals, pool_labels
 from common.site_file import load_site_config, site_label_sources
 from common.site_index import index_site
 from server.launch import BIN, PROJECT, RunFailed, flower_env, outcome, start_superlink, stop, write_run_config
-from server.run_folder import FAILED, INTERRUPTED, RUNNING, mark_ended
+from server.checkpoint import CheckpointError, identity, load_checkpoint, require_model
+from server.run_folder import FAILED, INTERRUPTED, RUNNING, hold, mark_ended, resumed_config, run_folder
 
 CONNECTION = "fedimaging-simulation"
 
@@ -50,6 +53,21 @@ def prepare(overrides: dict[str, Any]) -> RunConfig:
     if folder.exists():
         raise ConfigError(f"run setting 'run-name': run folder {folder} exists already")
     return parse_run_config({**config_to_dict(cfg), "run-name": run_name})
+
+
+def prepare_resume(folder: Path) -> RunConfig:
+    """The settings to resume the run in folder with (its own, from config.json); ConfigError in one line where it
+    cannot be resumed: finished, still running, or without a checkpoint of its own model."""
+    cfg = resumed_config(folder)
+    with hold(run_folder(cfg)):  # free: no ServerApp is writing into it
+        pass
+    try:
+        checkpoint = load_checkpoint(run_folder(cfg))
+        require_model(checkpoint, {k: v for k, v in identity(cfg, []).items() if k != "shapes"}, run_folder(cfg))
+    except CheckpointError as exc:
+        raise ConfigError(f"resume: {exc}") from None
+    print(f"fedimaging: resuming {run_folder(cfg)} after round {checkpoint.round} of {cfg.num_server_rounds}", flush=True)
+    return cfg
 
 
 def check_data(cfg: RunConfig) -> None:
@@ -76,7 +94,7 @@ def federation_config(cfg: RunConfig) -> str:
 def simulate(cfg: RunConfig, app: Path = PROJECT, extra: dict[str, Any] | None = None) -> Path:
     """Run the simulation to its end; returns the run folder, or raises RunFailed saying why. Another Flower app folder
     (one that wraps fedimaging's apps) may be run the same way, with its own run settings in extra."""
-    folder = Path(cfg.output_dir) / cfg.run_name
+    folder = run_folder(cfg)
     print(f"fedimaging: simulating {cfg.num_hospitals} hospitals for {cfg.num_server_rounds} rounds; run folder {folder}", flush=True)
     # Ray keeps Unix sockets in its temporary folder, whose paths may not exceed 107 bytes: a short folder of this run's
     # own (a long TMPDIR broke Ray's start, and two runs never share a session folder).
@@ -111,13 +129,18 @@ def main(argv: list[str] | None = None) -> int:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )  # fmt: skip
     parser.add_argument("--run-config", "-c", action="append", default=[], help="space-separated key=value run settings")
+    parser.add_argument("--resume", type=Path, metavar="RUN_FOLDER", help="continue a stopped run after its last checkpointed round, with its own settings")
     args = parser.parse_args(argv)
     # A SIGTERM (a scheduler, `kill`) unwinds like Ctrl-C, so the SuperLink and everything it started are stopped too.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     started = time.time()
     cfg = None
     try:
-        cfg = prepare(parse_overrides(args.run_config))
+        overrides = parse_overrides(args.run_config)
+        resume = args.resume or overrides.pop("resume", "")
+        if resume and overrides:
+            raise ConfigError(f"--resume takes the run's own settings from its config.json; leave out {', '.join(sorted(overrides))}")
+        cfg = prepare_resume(Path(resume)) if resume else prepare(overrides)
         check_data(cfg)
         folder = simulate(cfg)
     except (ConfigError, DataError) as exc:
@@ -129,7 +152,7 @@ def main(argv: list[str] | None = None) -> int:
     except (KeyboardInterrupt, SystemExit) as exc:
         how = "Ctrl-C" if isinstance(exc, KeyboardInterrupt) else "a termination signal"
         if cfg is not None:
-            mark_ended(Path(cfg.output_dir) / cfg.run_name, INTERRUPTED, f"interrupted by {how}", replacing=(RUNNING, FAILED))
+            mark_ended(run_folder(cfg), INTERRUPTED, f"interrupted by {how}", replacing=(RUNNING, FAILED))
         print(f"fedimaging: interrupted by {how}; every process of the run was stopped", file=sys.stderr)
         return 130 if isinstance(exc, KeyboardInterrupt) else 143
     print(f"fedimaging: completed in {time.time() - started:.0f} s; results in {folder}", flush=True)

@@ -3,13 +3,16 @@ figures that count every hospital."""
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
+import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 import numpy as np
-from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
+from flwr.common.constant import ErrorCode
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
@@ -20,8 +23,12 @@ from common.metrics import (
     auc_from_histograms, counts_at_edge, figures, log_loss_from_histograms, operating_point, per_label, sensitivity, specificity, threshold_edge,
 )  # fmt: skip
 from server.aggregation import ServerAdam, clipped_mean, median, multikrum, trimmed_mean, weighted_mean
+from server.attendance import attend, sample
+from server.console import say
 from server.defences import Bounds, check_count, check_weights, finite_model
 from server.influence import leave_one_out
+from server.messaging import Exchange
+from server.privacy import central_noise, check_clipped, floor_variances, spent
 from server.roster import load_roster
 
 log = logging.getLogger(__name__)
@@ -40,6 +47,8 @@ class RoundRecord:
     not_images: dict[str, int] = field(default_factory=dict)  # site -> files holding no image
     evaluated: list[str] = field(default_factory=list)
     failures: list[str] = field(default_factory=list)  # "site (phase): reason", one per hospital and phase
+    late: list[str] = field(default_factory=list)  # replies to an earlier phase that came after the server went on
+    privacy: dict[str, float] = field(default_factory=dict)  # dp: the budget spent so far (dp_epsilon, dp_delta) and this round's noise
     n_rejected: int = 0  # replies that arrived but were invalid
     train_loss: float = float("nan")
     n_val: int = 0
@@ -58,8 +67,9 @@ class HospitalFedAvg(FedAvg):
     With aggregation = fedadam the example-weighted mean is not taken as is: a server-side Adam steps towards it.
     """
 
-    def __init__(self, cfg: RunConfig, weight_shapes: list[tuple[int, ...]], trainable: list[bool]) -> None:
-        """Sampling from the run settings; weight shapes to check train replies against, and which weights are trainable."""
+    def __init__(self, cfg: RunConfig, weight_shapes: list[tuple[int, ...]], trainable: list[bool], variances: list[bool] | None = None) -> None:
+        """Sampling from the run settings; weight shapes to check train replies against, which weights are trainable,
+        and which are batch-normalisation variances (kept above zero after differential privacy's noise)."""
         super().__init__(
             fraction_train=cfg.fraction_train,
             fraction_evaluate=cfg.fraction_evaluate,
@@ -73,12 +83,17 @@ class HospitalFedAvg(FedAvg):
         self.weight_shapes = weight_shapes
         self.roster = load_roster(cfg.roster) if cfg.roster else {}  # node id -> the hospital its key was registered for
         self.sites: dict[int, str] = {n: r.name for n, r in self.roster.items()}  # node id -> site name: the roster's, else learnt
-        self.sent: dict[str, list[int]] = {}  # phase -> node ids asked this round
         self.record = RoundRecord()
         self.server_adam = ServerAdam(cfg.server_learning_rate, trainable) if cfg.aggregation == "fedadam" else None
         self.current: list[np.ndarray] = []  # the global weights sent out this round
         declared = {r.name: r.images for r in self.roster.values() if r.images is not None}
         self.bounds = Bounds(cfg.max_update_norm, cfg.max_examples, declared)
+        self.seen: set[int] = set()  # every node connected at some phase of this run
+        self.absent: set[int] = set()  # the expected nodes missing when the last phase began (not waited for again)
+        self.round = 0  # the round the current phase belongs to
+        self.variances = variances or [False] * len(weight_shapes)
+        self.dp_rounds = 0  # dp: rounds whose updates were released, for the accountant
+        self.unanswered: dict[str, tuple[int, str, int, float]] = {}  # message id -> (node, phase, round, when the server went on)
 
     def site_of(self, node_id: int) -> str:
         """A node's site name where a reply has told it, else its node id."""
@@ -90,16 +105,21 @@ class HospitalFedAvg(FedAvg):
         self.record.failures.append(entry)
         log.warning("round reply left out: %s", entry)
 
-    def accept(self, phase: str, replies: Iterable[Message], parse: Callable, bound: Callable = lambda reply: None) -> list:
+    def accept(self, phase: str, replies: Exchange | Iterable[Message], parse: Callable, bound: Callable = lambda reply: None) -> list:
         """Parse every reply, check who sent it and that it keeps the bounds; record errors (in one line, under the site
-        they name), invalid content and nodes that never replied, each once."""
+        they name), invalid content and nodes that never replied, each once, with the true reason. Replies may come as
+        a bare list (Flower's Strategy interface), whose nodes are then their senders."""
+        exchange = replies if isinstance(replies, Exchange) else Exchange({}, list(replies))
         accepted, replied = [], set()
-        for msg in replies:
-            node_id = msg.metadata.src_node_id
+        for msg in exchange.replies:
+            node_id = exchange.node_of(msg)
             if node_id in replied:  # one answer per hospital and phase counts
                 continue
             replied.add(node_id)
             if msg.has_error():
+                if msg.error.code == ErrorCode.NODE_UNAVAILABLE:  # the SuperLink's answer for a node it lost
+                    self._fail(node_id, phase, f"node unavailable: its SuperNode stopped sending heartbeats after it was asked ({exchange.seconds:.0f} s into the phase)")
+                    continue
                 site, line = wire.parse_error(msg.error.reason)
                 if site is not None and node_id not in self.sites and not self.roster:  # without a roster, a name said is all there is
                     self.sites[node_id] = site
@@ -119,10 +139,15 @@ class HospitalFedAvg(FedAvg):
             accepted.append(reply)
         for entry in self.record.received:
             entry.setdefault("site", self.site_of(entry["node_id"]))
-        for node_id in self.sent.get(phase, []):
-            if node_id not in replied:
-                self._fail(node_id, phase, f"no reply within round-timeout ({self.cfg.round_timeout:g} s)")
-        return accepted
+        answered = len(exchange.sent) - len(exchange.pending)
+        for message_id, node_id in exchange.pending.items():
+            if exchange.cut_by_quorum:
+                why = f"no reply within quorum-grace ({self.cfg.quorum_grace:g} s) after {answered} of {len(exchange.sent)} hospitals replied, going on after {exchange.seconds:.0f} s"
+            else:
+                why = f"timed out after {exchange.seconds:.0f} s (round-timeout)"
+            self._fail(node_id, phase, why)
+            self.unanswered[message_id] = (node_id, phase, self.round, time.monotonic())
+        return sorted(accepted, key=lambda reply: reply.site)  # one order whatever the arrival: sums repeat to the last bit
 
     def _check_identity(self, node_id: int, claimed: str) -> None:
         """With a roster, a reply must come from a registered node and carry the name its key was registered for."""
@@ -133,31 +158,72 @@ class HospitalFedAvg(FedAvg):
         if claimed != self.roster[node_id].name:
             raise wire.ReplyError(f"claims to be {claimed!r}, but this node's key is registered for {self.roster[node_id].name!r}")
 
+    def collect_late(self, grid: Grid) -> None:
+        """Replies to earlier phases that came after the server went on: recorded as late (never used); messages the
+        SuperLink gave up on are forgotten (their failure is recorded already)."""
+        if not self.unanswered:
+            return
+        for msg in grid.pull_messages(list(self.unanswered)):
+            node_id, phase, rnd, went_on = self.unanswered.pop(msg.metadata.reply_to_message_id, (None, "", 0, 0.0))
+            if node_id is None or msg.has_error():
+                continue
+            summary = wire.payload_summary(msg.content)
+            self.record.received.append({"phase": f"{phase}-late", "node_id": node_id, "site": self.site_of(node_id), "bytes": summary["bytes"], "sha256": summary["sha256"]})
+            self.record.late.append(f"{self.site_of(node_id)} ({phase}, round {rnd}): replied within {time.monotonic() - went_on:.0f} s after the server went on, not used")
+
+    def ask(self, grid: Grid, phase: str, server_round: int, fraction: float) -> list[int]:
+        """The nodes to send this phase to: those connected (waiting up to node-wait for the expected ones, unless they
+        were missing last time too), sampled; each expected hospital missing is recorded once, as not connected."""
+        self.round, expected = server_round, set(self.roster) or self.seen
+        connected = set(grid.get_node_ids())
+        known_gaps = bool(expected - connected) and expected - connected <= self.absent and len(connected) >= self.cfg.min_hospitals
+        wait = 0.0 if known_gaps else self.cfg.node_wait
+        found = attend(grid, expected, self.cfg.min_hospitals, wait, say)
+        self.seen |= set(found.present)
+        waited = f"waited {found.waited:.0f} s (node-wait)" if wait else "missing since an earlier phase, not waited for again"
+        for node_id in found.absent:
+            self._fail(node_id, phase, f"node unavailable: not connected when the phase began ({waited})")
+        self.absent = set(found.absent)
+        if len(found.present) < self.cfg.min_hospitals:  # nobody is asked to work for a round that cannot count
+            entry = f"federation ({phase}): {len(found.present)} hospital(s) connected after waiting {found.waited:.0f} s (node-wait), fewer than min-hospitals = {self.cfg.min_hospitals}; nobody was asked"
+            self.record.failures.append(entry)
+            log.warning("round %d: %s", server_round, entry)
+            return []
+        return sample(found.present, fraction, self.cfg.min_hospitals, self.cfg.seed, server_round, phase)
+
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
-        """Start a new round record and remember whom we asked to train."""
+        """Start a new round record (with any late replies to earlier rounds) and ask the connected hospitals to train."""
         self.record = RoundRecord()
         self.current = arrays.to_numpy_ndarrays()
-        messages = list(super().configure_train(server_round, arrays, config, grid))
-        self.sent["train"] = [m.metadata.dst_node_id for m in messages]
-        self.record.asked = len(messages)
-        return messages
+        self.collect_late(grid)
+        nodes = self.ask(grid, "train", server_round, self.cfg.fraction_train)
+        self.record.asked = len(nodes)
+        config["server-round"] = server_round
+        return self._construct_messages(RecordDict({self.arrayrecord_key: arrays, self.configrecord_key: config}), nodes, MessageType.TRAIN)
 
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
-        """Remember whom we asked to validate."""
-        messages = list(super().configure_evaluate(server_round, arrays, config, grid))
-        self.sent["evaluate"] = [m.metadata.dst_node_id for m in messages]
-        return messages
+        """Ask the connected hospitals to validate."""
+        nodes = self.ask(grid, "evaluate", server_round, self.cfg.fraction_evaluate)
+        config["server-round"] = server_round
+        return self._construct_messages(RecordDict({self.arrayrecord_key: arrays, self.configrecord_key: config}), nodes, MessageType.EVALUATE)
 
     def _bound_train(self, reply: wire.TrainReply) -> None:
-        """A train reply's weights and claimed count within the bounds (server/defences.py); its update's size recorded."""
+        """A train reply's weights and claimed count within the bounds (server/defences.py), and under differential
+        privacy its update within what the hospital's clipping (and noise) allows; its update's size recorded."""
         check_count(reply.site, reply.num_examples, "training", self.bounds)
-        self.record.update_norms[reply.site] = check_weights(reply.weights, self.current, self.bounds)
+        noised = self.cfg.dp == "local"  # the noise, not the hospital, sets the update's size: the privacy bound replaces the relative one
+        self.record.update_norms[reply.site] = check_weights(reply.weights, self.current, dataclasses.replace(self.bounds, max_update_norm=0) if noised else self.bounds)
+        if self.cfg.dp != "off":
+            check_clipped(reply.weights, self.current, self.cfg)
 
-    def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
+    def aggregate_train(self, server_round: int, replies: Exchange | Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
         """The valid replies' weights combined by the run's aggregation rule; None (keep the global model) below
         min-hospitals, or where the combination is not a usable model (recorded)."""
         parse = lambda content: wire.parse_train_reply(content, self.weight_shapes, self.cfg.labels)  # noqa: E731
         accepted: list[wire.TrainReply] = self.accept("train", replies, parse, self._bound_train)
+        if self.cfg.dp != "off" and self.record.asked:
+            self.dp_rounds += 1
+            self.record.privacy = spent(self.cfg, self.dp_rounds, len(accepted))
         self.record.trained = {r.site: r.num_examples for r in accepted}
         self.record.skipped = {r.site: r.skipped for r in accepted}
         self.record.not_images = {r.site: r.not_images for r in accepted}
@@ -193,10 +259,14 @@ class HospitalFedAvg(FedAvg):
             weights, kept = multikrum(updates, counts, cfg.krum_byzantine)
             self.record.left_out_by_rule = [r.site for i, r in enumerate(accepted) if i not in kept]
             return weights
+        if cfg.dp == "central":
+            return central_noise(updates, cfg, self.variances)
         weights = weighted_mean(updates, counts)
+        if cfg.dp == "local":
+            weights = floor_variances(weights, self.variances)
         return self.server_adam.step(self.current, weights) if self.server_adam is not None else weights
 
-    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
+    def aggregate_evaluate(self, server_round: int, replies: Exchange | Iterable[Message]) -> MetricRecord | None:
         """Pool the valid replies' score intervals into global figures; each site's own figures beside them."""
         cfg = self.cfg
         parse = lambda content: wire.parse_evaluate_reply(content, cfg.labels, cfg.histogram_bins, cfg.min_bin_images)  # noqa: E731

@@ -93,3 +93,12 @@ def test_the_robustness_benchmark_runs_an_attacked_federation_under_a_robust_rul
     table = pd.read_csv(tmp_path / "robustness.csv")
     assert table["scenario"].tolist() == ["flip/multikrum"] and table["aggregation"].tolist() == ["multikrum"]
     assert table["left_out_by_rule"].tolist() == [1] and table["heldout_auc"].between(0, 1).all()  # the flipped hospital, left out
+
+
+def test_the_privacy_benchmark_reports_the_auc_and_epsilon_of_a_dp_run(tmp_path):
+    data = _tiny_npz(tmp_path / "tiny.npz")
+    out = _run("privacy.py", "--data", str(data), "--rounds", "1", "--only", "central-z1", "--results", str(tmp_path))
+    table = pd.read_csv(tmp_path / "privacy.csv")
+    row = table.iloc[0]
+    assert row["scenario"] == "central-z1" and row["dp"] == "central" and row["noise_multiplier"] == 1.0
+    assert 0 < row["epsilon"] < 50 and 0 <= row["heldout_auc"] <= 1 and "central-z1" in out

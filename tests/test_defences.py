@@ -17,7 +17,7 @@ from common.config import parse_run_config
 from common.metrics import score_histograms
 from server import simulate
 from server.aggregation import clipped_mean, median, multikrum, trimmed_mean
-from server.defences import finite_model, relative_update_norm
+from server.defences import finite_model, relative_update_norm, score_spread, unusable_scores
 from server.influence import leave_one_out
 from server.roster import Registered, add_to_roster
 from server.strategy import HospitalFedAvg
@@ -45,7 +45,6 @@ def _reply(node_id: int, site: str, weights: list[np.ndarray], n: int = 100) -> 
 def _strategy(roster=None, **settings) -> HospitalFedAvg:
     cfg = parse_run_config({"num-hospitals": 5, "min-hospitals": 2, "histogram-bins": 50, **({"roster": str(roster)} if roster else {}), **settings})
     strategy = HospitalFedAvg(cfg, SHAPES, [True, False])
-    strategy.sent = {"train": [1, 2, 3, 4, 5]}
     strategy.current = [g.copy() for g in GLOBAL]
     return strategy
 
@@ -122,7 +121,6 @@ def test_an_aggregate_that_is_not_finite_is_named_and_never_becomes_the_model():
     # a global model close to float32's largest value: the hospitals' updates are each valid, their FedAdam step is not
     strategy = _strategy(aggregation="fedadam", **{"max-update-norm": 0, "server-learning-rate": 1e38})
     strategy.current = [np.full(s, 3.3e38, np.float32) for s in SHAPES]
-    strategy.sent = {"train": [1, 2]}
     replies = [_reply(i + 1, f"hospital-{i}", [np.full(s, 3.4e38, np.float32) for s in SHAPES]) for i in range(2)]
     arrays, _ = strategy.aggregate_train(1, replies)
     assert arrays is None and set(strategy.record.trained) == {"hospital-0", "hospital-1"}  # the run goes on with the old model
@@ -130,11 +128,25 @@ def test_an_aggregate_that_is_not_finite_is_named_and_never_becomes_the_model():
     assert strategy.record.failures == [] and "previous model was kept" in strategy.record.unavailable["global_auc"]
 
 
+def test_a_global_model_whose_scores_are_not_finite_or_have_collapsed_is_named_and_a_fresh_one_is_not():
+    rng = np.random.default_rng(0)
+    current = rng.normal(size=(50, 2))  # a model that tells images apart, two labels
+    assert unusable_scores(current, score_spread(current)) == ""
+    broken = current.copy()
+    broken[3, 1] = np.nan
+    assert unusable_scores(broken, score_spread(current)) == "its scores of 1 of 50 held-out images are not finite"
+    collapsed = current.copy()
+    collapsed[:, 1] = 7.25  # every image the same score for the second label
+    assert unusable_scores(collapsed, score_spread(current)).startswith("it has collapsed: it gives every held-out image the same probability")
+    saturated = current + 1e4  # scores that differ, probabilities that do not: 1.0 for everyone
+    assert unusable_scores(saturated, score_spread(current)).startswith("it has collapsed")
+    assert unusable_scores(collapsed, 0.0) == ""  # a model that never told them apart (a fresh start) has nothing to lose
+
+
 def test_a_validation_count_above_the_declared_size_is_refused(tmp_path):
     roster = tmp_path / "roster.yaml"
     add_to_roster(roster, Registered("hospital-0", 1, "k0", 50))
     strategy = _strategy(roster)
-    strategy.sent = {"evaluate": [1]}
     request = Message(content=RecordDict(), dst_node_id=1, message_type=MessageType.EVALUATE)
     strategy.aggregate_evaluate(1, [Message(_evaluate_content(2_000_000), reply_to=request)])
     assert strategy.record.failures == ["hospital-0 (evaluate): invalid reply: claims 2000000 validation images, more than the 50 it declared in the roster"]

@@ -54,7 +54,6 @@ def _report(run, rnd: int, best: bool = False, failing: bool = False) -> RoundRe
     """Round rnd of the run, from two hospitals' real replies (one of them failing, if asked)."""
     cfg, folder, model, heldout = run
     strategy = HospitalFedAvg(cfg, [tuple(w.shape) for w in model.get_weights()], [w.trainable for w in model.weights])
-    strategy.sent = {"evaluate": [1, 2]}
     rng = np.random.default_rng(rnd)
     replies = [_reply(1, "hospital-0", 40, rng)]
     if failing:

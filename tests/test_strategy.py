@@ -12,6 +12,7 @@ from sklearn.metrics import roc_auc_score
 
 from common.bin_floor import floor_intervals
 from common.metrics import auc_from_histograms, statistics, threshold_edge
+from server.messaging import Exchange
 from server.strategy import HospitalFedAvg
 
 SHAPES = [(3, 2), (2,)]
@@ -31,7 +32,6 @@ def _train_reply(node_id: int, site: str, value: float, n: int) -> Message:
 def _strategy(**settings) -> HospitalFedAvg:
     cfg = parse_run_config({"num-hospitals": 4, "min-hospitals": 2, "histogram-bins": 50, **settings})
     strategy = HospitalFedAvg(cfg, SHAPES, [True, False])  # the second array stands for batch-norm statistics
-    strategy.sent = {"train": [1, 2, 3, 4], "evaluate": [1, 2, 3]}
     strategy.current = [np.ones(s, np.float32) for s in SHAPES]  # the global model sent out
     return strategy
 
@@ -44,8 +44,9 @@ def test_weights_are_averaged_by_image_count_and_bad_replies_are_recorded_by_sit
         _train_reply(1, "hospital-a", 1.0, 100),
         _train_reply(2, "hospital-b", 4.0, 300),
         Message(broken, reply_to=_request(3, MessageType.TRAIN)),
-    ]  # node 4 never replies
-    arrays, metrics = strategy.aggregate_train(1, replies)
+    ]
+    asked = {f"message-{n}": n for n in (1, 2, 3, 4)}
+    arrays, metrics = strategy.aggregate_train(1, Exchange(asked, replies, {"message-4": 4}, 600.0))  # node 4 never replies
     assert np.allclose(arrays.to_numpy_ndarrays()[0], (1.0 * 100 + 4.0 * 300) / 400)
     assert metrics[wire.NUM_EXAMPLES] == 400
     assert strategy.record.trained == {"hospital-a": 100, "hospital-b": 300}
@@ -53,7 +54,7 @@ def test_weights_are_averaged_by_image_count_and_bad_replies_are_recorded_by_sit
     failures = strategy.record.failures
     assert len(failures) == 2
     assert failures[0].startswith("hospital-c (train): invalid reply: weights have shapes [(9,)]")
-    assert failures[1].startswith("node 4 (train): no reply within round-timeout")
+    assert failures[1] == "node 4 (train): timed out after 600 s (round-timeout)"
 
 
 def test_fedadam_steps_trainable_weights_towards_the_mean_and_takes_the_mean_for_statistics():

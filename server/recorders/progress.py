@@ -5,14 +5,10 @@ from __future__ import annotations
 
 import math
 
+from server.console import say
 from server.rounds import Outcome, Recorder, RoundReport, RunInfo
 
 RANDOMISED_LIMIT = 0.5  # |Spearman| of the fully randomised stage below which the heatmaps depend on the weights
-
-
-def say(text: str) -> None:
-    """One line of progress for the operator."""
-    print(f"[fedimaging] {text}", flush=True)
 
 
 def fmt(value, digits: int = 3) -> str:
@@ -40,8 +36,10 @@ class ProgressRecorder(Recorder):
     """Prints the run's progress."""
 
     def start(self, run: RunInfo) -> None:
-        """Where the run writes."""
+        """Where the run writes, and where a resumed run goes on from."""
         say(f"run folder: {run.folder}")
+        if run.resumed is not None:
+            say(f"resuming after round {run.resumed} from {run.folder / 'checkpoint.npz'}")
 
     def record(self, report: RoundReport) -> None:
         """The round's line, then one line per failure, warning and missing figure."""
@@ -65,8 +63,13 @@ class ProgressRecorder(Recorder):
                 + (f"  FAILED {row['n_failed']}" if row["n_failed"] else "")
                 + f"  {report.seconds:.1f} s  ETA {clock(report.eta_seconds)}"
             )
+        if report.record.privacy:
+            privacy = report.record.privacy
+            say(f"  privacy ({cfg.dp} DP): epsilon {privacy['dp_epsilon']:.2f} spent so far at delta {privacy['dp_delta']:g}")
         for failure in report.record.failures:
             say(f"  failed: {failure}")
+        for late in report.record.late:
+            say(f"  late: {late}")
         if report.record.left_out_by_rule:
             say(f"  not averaged by {cfg.aggregation} (furthest from the others): {', '.join(report.record.left_out_by_rule)}")
         for name, why in report.unavailable().items():

@@ -7,7 +7,7 @@ import datetime as dt
 from pathlib import Path
 
 from server.rounds import Outcome, Recorder, RoundReport, RunInfo
-from server.run_folder import RUNNING, write_status
+from server.run_folder import RUNNING, read_status, write_status
 
 
 class StatusRecorder(Recorder):
@@ -18,7 +18,11 @@ class StatusRecorder(Recorder):
         self.folder = folder
 
     def start(self, run: RunInfo) -> None:
-        """The run is running; nothing is written yet."""
+        """The run is running: from the start, or again after its checkpointed round (counted in 'resumes')."""
+        if run.resumed is not None:
+            resumes = int((read_status(self.folder) or {}).get("resumes", 0)) + 1
+            write_status(self.folder, status=RUNNING, reason="", last_round=run.resumed, resumed_after=run.resumed, resumes=resumes)
+            return
         write_status(
             self.folder, status=RUNNING, reason="", last_round=-1, num_rounds=run.cfg.num_server_rounds, best_round=None,
             run_name=self.folder.name, started=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),

@@ -11,7 +11,7 @@ import pandas as pd
 
 from common.atomic import write_csv
 from server.plots import plot_history
-from server.rounds import Recorder, RoundReport
+from server.rounds import Recorder, RoundReport, RunInfo
 
 HISTORY_COLUMNS = [
     "round", "global_auc", "global_auc_low", "global_auc_high", "global_sensitivity", "global_specificity", "global_log_loss",
@@ -22,7 +22,7 @@ HISTORY_COLUMNS = [
     "heldout_npv_at_threshold", "heldout_f1_at_threshold", "heldout_accuracy_at_threshold", "heldout_brier",
     "gradcam_pointing", "gradcam_energy_in_box", "gradcam_border_energy", "gradcam_drift", "gradcam_warning",
     "n_sites", "n_failed", "n_rejected", "n_val", "train_loss", "seconds", "selection_criterion", "selection_value", "best",
-    "failures", "left_out_by_rule", "loo_auc_shift", "loo_sensitivity_shift", "loo_site", "influence_warning", "unavailable",
+    "failures", "late_replies", "left_out_by_rule", "loo_auc_shift", "loo_sensitivity_shift", "loo_site", "influence_warning", "dp_epsilon", "dp_delta", "dp_noise_sd", "unavailable",
 ]  # fmt: skip  (per-label columns '<figure>__<label>' and the rest follow these)
 SITE_COLUMNS = ["round", "site", "n_train", "n_val", "auc", "sensitivity", "specificity", "intervals", "note", "update_norm"]
 
@@ -31,6 +31,14 @@ def ordered(rows: list[dict[str, Any]], first: list[str]) -> pd.DataFrame:
     """Rows as a table whose columns start with `first`, then any others in the order they appear."""
     extra = list(dict.fromkeys(k for row in rows for k in row if k not in first))
     return pd.DataFrame(rows, columns=first + extra)
+
+
+def _rows(path: Path, last_round: int) -> list[dict[str, Any]]:
+    """The rows of a table written by this recorder, up to last_round (none where it does not exist)."""
+    if not path.is_file():
+        return []
+    table = pd.read_csv(path, keep_default_na=False, na_values=[""])
+    return table[table["round"] <= last_round].to_dict("records")
 
 
 class TablesRecorder(Recorder):
@@ -42,6 +50,13 @@ class TablesRecorder(Recorder):
         self.rows: list[dict] = []
         self.site_rows: list[dict] = []
         self.received: list[dict] = []
+
+    def start(self, run: RunInfo) -> None:
+        """A resumed run takes up the tables' rows up to its checkpointed round (a later round's rows, written before
+        the crash, are that round's first try and give way to the resumed one)."""
+        if run.resumed is None:
+            return
+        self.rows, self.site_rows, self.received = (_rows(self.folder / name, run.resumed) for name in ("history.csv", "sites.csv", "received.csv"))
 
     def record(self, report: RoundReport) -> None:
         """Add the round's rows and write the tables and history.png."""

@@ -1,7 +1,9 @@
-"""A hospital that lies, for tests/test_defences.py: fedimaging's own ClientApp, whose train replies one hospital
+"""A hospital that lies or lags, for tests/test_defences.py and tests/test_faults.py: fedimaging's own ClientApp, whose train replies one hospital
 (run setting attack-hospital) alters before they leave, as a broken or hostile installation would. attack-plan names
 the attack of each round: scale (weights x1e6), float64 (every weight 1e300 in float64), count (10^9 images claimed),
-flip (weights sign-flipped), none."""
+flip (weights sign-flipped), slow (an honest reply, 5 s late), none."""
+
+import time
 
 import numpy as np
 from flwr.app import ArrayRecord, Context, Message
@@ -38,6 +40,8 @@ def train(msg: Message, context: Context) -> Message:
         weights = [-w for w in weights]
     elif attack == "count":
         reply.content[wire.METRICS][wire.NUM_EXAMPLES] = 10**9
+    elif attack == "slow":
+        time.sleep(5)
     reply.content[wire.ARRAYS] = ArrayRecord(weights)
     return reply
 
