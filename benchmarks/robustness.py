@@ -27,6 +27,7 @@ sys.path.insert(0, str(PROJECT / "tests" / "attack_app"))
 
 from attack_maker import make_attack_app  # noqa: E402
 from server import simulate  # noqa: E402
+from server.launch import RunFailed  # noqa: E402
 
 BASE = {"num-hospitals": 5, "images-per-hospital": 300, "heldout-images": 200, "image-size": 32, "num-server-rounds": 8, "local-epochs": 3,
         "gradcam-images": 0, "min-hospitals": 3}  # fmt: skip
@@ -48,13 +49,17 @@ def run(name: str, attack: str, settings: dict, rounds: int, images: int, workdi
     """One simulation; its final figures and what the server refused."""
     app = make_attack_app(workdir / f"app-{len(list(workdir.iterdir()))}")
     cfg = simulate.prepare({**BASE, "num-server-rounds": rounds, "images-per-hospital": images, "output-dir": str(workdir / "runs"), "run-name": name.replace("/", "-").replace(", ", "-").replace(" ", "-"), **settings})
-    folder = simulate.simulate(cfg, app, {"attack-hospital": 4, "attack-plan": ",".join([attack] * rounds)})
-    history = pd.read_csv(folder / "history.csv")
+    try:
+        simulate.simulate(cfg, app, {"attack-hospital": 4, "attack-plan": ",".join([attack] * rounds)})
+        outcome = "finished"
+    except RunFailed as exc:  # a run the attack stopped is a result too: its history says how far it got
+        outcome = f"failed: {str(exc).split(' (run folder')[0]}"
+    history = pd.read_csv(Path(cfg.output_dir) / cfg.run_name / "history.csv")
     last = history.iloc[-1]
     kept_out = history["unavailable"].astype("string").fillna("").str.contains("global_model").sum()
     return {"scenario": name, "attack": attack, "aggregation": cfg.aggregation, "max_update_norm": cfg.max_update_norm,
             "heldout_auc": last["heldout_auc"], "refused_replies": int(history["n_rejected"].sum()), "models_kept_out": int(kept_out),
-            "left_out_by_rule": int(history["left_out_by_rule"].astype("string").fillna("").str.len().gt(0).sum())}  # fmt: skip
+            "left_out_by_rule": int(history["left_out_by_rule"].astype("string").fillna("").str.len().gt(0).sum()), "run": outcome}  # fmt: skip
 
 
 def main() -> None:
