@@ -72,7 +72,7 @@ def main() -> None:
         table["auc_cost"] = table.loc[table["scenario"] == "none", "heldout_auc"].iloc[0] - table["heldout_auc"]
     print(table.to_string(index=False, float_format=lambda v: f"{v:.3f}"))
     args.results.mkdir(parents=True, exist_ok=True)
-    table.to_csv(args.results / "privacy.csv", index=False, float_format="%.4f")
+    table.to_csv(args.results / "privacy.csv", index=False, float_format="%.6g")
 
 
 if __name__ == "__main__":

@@ -137,7 +137,8 @@ def train(run_config: dict, node_config: dict, weights: list[np.ndarray], server
     images = batches(site.train, len(labels), cfg, training=True, seed=round_seed(site.seed, server_round), augmentation=site.augmentation)
     history = model.fit(images, epochs=cfg.local_epochs, shuffle=False, verbose=0)  # the pipeline shuffles
     data = site.data
-    return Trained(data.name, private(cfg, model.get_weights(), weights), len(labels), float(history.history["loss"][-1]), data.count(UNREADABLE), data.count(NOT_AN_IMAGE))
+    loss = float(history.history["loss"][-1]) if cfg.dp == "off" else 0.0  # under DP nothing un-noised about the training leaves
+    return Trained(data.name, private(cfg, model.get_weights(), weights), len(labels), loss, data.count(UNREADABLE), data.count(NOT_AN_IMAGE))
 
 
 def private(cfg: RunConfig, trained: list[np.ndarray], received: list[np.ndarray]) -> list[np.ndarray]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import shlex
 import tomllib
 from dataclasses import dataclass, field
@@ -54,7 +55,7 @@ class RunConfig:
     max_examples: int = _setting(1_000_000, lambda v: v >= 0, "an integer >= 0 (0: off)", "a reply claiming more training or validation images than this (or than the hospital declared in the roster) is refused, naming the hospital")
     max_site_auc_shift: float = _setting(0.05, lambda v: 0 <= v <= 1, "a number in [0, 1] (0: off)", "warn, naming the site, when leaving one site out moves the pooled validation AUC by more than this")
     max_site_sensitivity_shift: float = _setting(0.15, lambda v: 0 <= v <= 1, "a number in [0, 1] (0: off)", "warn, naming the site, when leaving one site out moves the other sites' sensitivity at the operating point by more than this")
-    dp: str = _setting("off", lambda v: v in PRIVACY, f"one of {', '.join(PRIVACY)}", "differential privacy of each hospital's update (common/privacy.py): central: every hospital clips its update to dp-clip-norm in its own code and the server adds Gaussian noise to their unweighted mean; local: every hospital also adds the noise itself, so nothing un-noised leaves it")
+    dp: str = _setting("off", lambda v: v in PRIVACY, f"one of {', '.join(PRIVACY)}", "differential privacy of each hospital's update (common/privacy.py): central: every hospital clips its update to dp-clip-norm in its own code and the server adds Gaussian noise to their unweighted mean; local: every hospital also adds the noise itself, so no un-noised weights leave it (under either, a hospital's training loss is withheld)")
     dp_clip_norm: float = _setting(1.0, _positive, "a number > 0", "dp: the largest L2 norm of a hospital's update (its weights minus the global model's, whole model); larger updates are scaled down to it")
     dp_noise_multiplier: float = _setting(1.0, lambda v: v >= 0, "a number >= 0", "dp: the noise's standard deviation in units of dp-clip-norm (on the sum of the updates); more noise, less epsilon spent per round")
     dp_delta: float = _setting(1e-5, lambda v: 0 < v < 1, "a number in (0, 1)", "dp: the delta of the (epsilon, delta) budget the run reports each round (history.csv dp_epsilon)")
@@ -97,8 +98,8 @@ class RunConfig:
     shortcut_hospital: int = _setting(-1, lambda v: v >= -1, "a hospital index, or -1 for none", "simulated shortcut: a marker in one corner of this hospital's positive images")
     histogram_bins: int = _setting(400, lambda v: 10 <= v <= 10_000, "an integer in [10, 10000]", "score-histogram bins")
     seed: int = _setting(42, lambda v: v >= 0, "an integer >= 0", "seed for data, splits and initial weights")
-    deterministic: bool = _setting(False, None, "true or false", "repeatable figures: TensorFlow's ops run deterministically and each hospital's model is built afresh from the round's seed (slower); a resumed run then equals an uninterrupted one")
-    resume: str = _setting("", None, "a run folder, or empty", "continue this run folder after its last checkpointed round, with the settings in its config.json (`python -m server.simulate --resume FOLDER` sets it)")
+    deterministic: bool = _setting(False, None, "true or false", "repeatable figures: TensorFlow's ops run deterministically and each hospital's model is built afresh from the round's seed (slower); a resumed run then equals an uninterrupted one (differential privacy's noise is never repeatable)")
+    resume: str = _setting("", None, "a run folder, or empty", "continue this run folder after its last checkpointed round, with the settings in its config.json (`python -m server.simulate --resume FOLDER` sets it; deployed, start the run with `--run-config FOLDER/resume.toml`)")
     threads_per_client: int = _setting(1, _positive, "an integer >= 1", "TensorFlow threads per client process")
     mixed_precision: bool = _setting(False, None, "true or false", "train in mixed float16 on a hospital's GPU (no effect on a CPU)")
     output_dir: str = _setting("runs", None, "a folder path", "where run folders are written")
@@ -222,6 +223,11 @@ def _resolve_paths(cfg: RunConfig, base_dir: Path) -> RunConfig:
 def config_to_dict(cfg: RunConfig) -> dict[str, Any]:
     """The resolved configuration with dashed keys, as written to a run folder's config.json."""
     return {name: (",".join(getattr(cfg, f.name)) if isinstance(getattr(cfg, f.name), tuple) else getattr(cfg, f.name)) for name, f in _FIELDS.items()}
+
+
+def toml_lines(settings: dict[str, Any]) -> str:
+    """Run settings as TOML lines (key = value), as `flwr run --run-config FILE` takes them."""
+    return "".join(f"{k} = {('true' if v else 'false') if isinstance(v, bool) else json.dumps(v)}\n" for k, v in settings.items())
 
 
 def describe_settings() -> list[tuple[str, Any, str, str]]:

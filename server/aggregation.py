@@ -72,12 +72,19 @@ class ServerAdam:
     tau: float = 1e-3
     m: list[np.ndarray] = field(default_factory=list)  # first moments, one per weight array
     v: list[np.ndarray] = field(default_factory=list)  # second moments
+    before: tuple[list[np.ndarray], list[np.ndarray]] = field(default_factory=lambda: ([], []))  # the moments before the last step
+
+    def undo(self) -> None:
+        """Forget the last step's moments (its model was kept out)."""
+        self.m, self.v = self.before
 
     def step(self, current: list[np.ndarray], mean: list[np.ndarray]) -> list[np.ndarray]:
         """The next global weights from the current ones and the hospitals' weighted mean."""
+        self.before = (self.m, self.v)
         if not self.m:
             self.m = [np.zeros_like(w, np.float64) for w in current]
             self.v = [np.full_like(w, self.tau**2, np.float64) for w in current]
+        self.m, self.v = list(self.m), list(self.v)  # new lists: the step's assignments leave `before` as it was
         out = []
         for i, (w, avg) in enumerate(zip(current, mean)):
             if not self.trainable[i]:

@@ -41,7 +41,8 @@ def attend(grid: Grid, expected: set[int], minimum: int, wait: float, say: Calla
         time.sleep(poll)
 
 
-def sample(nodes: list[int], fraction: float, minimum: int, seed: int, server_round: int, phase: str) -> list[int]:
-    """A seeded sample of the nodes: that fraction of them, at least `minimum` (all of them where there are fewer)."""
+def sample(nodes: list[int], fraction: float, minimum: int, seed: int, server_round: int, phase: str, key: Callable[[int], str] = str) -> list[int]:
+    """A seeded sample of the nodes: that fraction of them, at least `minimum` (all of them where there are fewer),
+    drawn from the nodes ordered by key (their site names: node ids change from run to run, names do not)."""
     size = min(len(nodes), max(int(len(nodes) * fraction), minimum))
-    return sorted(random.Random(f"{seed}/{server_round}/{phase}").sample(sorted(nodes), size))
+    return random.Random(f"{seed}/{server_round}/{phase}").sample(sorted(nodes, key=key), size)

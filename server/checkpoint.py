@@ -94,3 +94,23 @@ def require_model(checkpoint: Checkpoint, expected: dict, folder: Path) -> None:
     if differ:
         said = "; ".join(f"{k}: checkpoint {checkpoint.identity.get(k)!r}, this run {expected[k]!r}" for k in differ if k != "shapes")
         raise CheckpointError(f"{Path(folder) / CHECKPOINT}: a checkpoint of another model ({said or 'its weight shapes differ'})")
+
+
+def check_state(checkpoint: Checkpoint, n_heldout: int, folder: Path) -> None:
+    """CheckpointError in one line where the checkpoint's state does not fit this run: held-out rows outside the
+    held-out set, Grad-CAM rows outside those kept, or best weights and optimiser moments not of the model's shapes."""
+    state, shapes = checkpoint.state, checkpoint.identity["shapes"]
+    try:
+        kept, sample = np.asarray(state["kept"], int), np.asarray(state["sample_rows"], int)
+        problems = [
+            ("held-out rows", kept.size and (kept.min() < 0 or kept.max() >= n_heldout or len(set(kept.tolist())) < kept.size)),
+            ("Grad-CAM rows", sample.size and (sample.min() < 0 or sample.max() >= kept.size)),
+            ("best weights", checkpoint.best_weights and [list(w.shape) for w in checkpoint.best_weights] != shapes),
+            ("optimiser moments", checkpoint.adam is not None and any([list(a.shape) for a in arrays] != shapes for arrays in checkpoint.adam)),
+            ("round state", not all(isinstance(state[k], int) and state[k] >= 0 for k in ("stale", "dp_rounds"))),
+        ]  # fmt: skip
+    except (KeyError, TypeError, ValueError) as exc:
+        raise CheckpointError(f"{Path(folder) / CHECKPOINT}: its state is incomplete ({type(exc).__name__}: {exc})") from None
+    wrong = [name for name, bad in problems if bad]
+    if wrong:
+        raise CheckpointError(f"{Path(folder) / CHECKPOINT}: its {', '.join(wrong)} do not fit this run (a damaged or foreign file)")

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import math
+import shutil
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -23,15 +24,17 @@ from flwr.app import ArrayRecord, ConfigRecord
 from flwr.serverapp import Grid
 
 from common import wire
+from common.atomic import write_atomic
 from common.config import RunConfig
 from common.gradcam import randomisation_test
 from common.model import build_model, load_initial_weights
 from common.site_data import server_heldout
-from server.checkpoint import Checkpoint, identity, load_checkpoint, require_model, save_checkpoint
+from server.checkpoint import Checkpoint, check_state, identity, load_checkpoint, require_model, save_checkpoint
 from server.defences import score_spread, unusable_scores
 from server.evaluation import evaluate_heldout, gradcam_check, gradcam_sample, gradcam_warning
 from server.messaging import send_and_receive
 from server.overlap import check_overlap
+from server.privacy import record_release, releases
 from server.recorders import default_recorders
 from server.recorders.models import save_model
 from server.rounds import Outcome, Recorder, RoundReport, RunInfo, record_round
@@ -48,7 +51,7 @@ def run_federation(grid: Grid, cfg: RunConfig) -> None:
     """Run every round (after the checkpointed one, when resuming) and record it; raise RunAborted (after recording
     why) when the run cannot go on."""
     if cfg.resume:
-        cfg = resumed_config(Path(cfg.resume))  # the run's own settings, from its folder
+        cfg = resumed_config(Path(cfg.resume), cfg)  # the run's own settings, from its folder, as the hospitals were given them
         folder = run_folder(cfg)
     else:
         folder = make_run_folder(cfg)
@@ -178,7 +181,10 @@ class _Run:
         cfg, strategy, grid = self.cfg, self.strategy, self.grid
         started, phases = time.perf_counter(), {}
         with _timed(phases, "train"):  # the hospitals' training, the messages both ways, and aggregation
-            replies = send_and_receive(grid, strategy.configure_train(rnd, self.arrays, self.config, grid), *_pace(cfg))
+            messages = strategy.configure_train(rnd, self.arrays, self.config, grid)
+            if cfg.dp != "off" and messages:
+                record_release(self.folder, strategy.dp_rounds)  # on disk before any hospital is asked
+            replies = send_and_receive(grid, messages, *_pace(cfg))
             new_arrays, _ = strategy.aggregate_train(rnd, replies)
         trained, previous = new_arrays is not None, self.arrays
         if trained:
@@ -195,6 +201,7 @@ class _Run:
             unusable = unusable_scores(held.logits, self.previous_spread) if trained else ""
             if unusable:  # a model that scores no number, or the same number for every image, is never the global model
                 record.unavailable["global_model"] = f"{unusable}; the previous model is kept"
+                strategy.keep_out()
                 self.arrays, trained = previous, False
                 record.row = {k: float("nan") if isinstance(v, float) else v for k, v in record.row.items()}  # of the model kept out
                 record.thresholds = None
@@ -260,13 +267,15 @@ class _Run:
         """Take up the run where the checkpoint left it; the models on disk become the checkpoint's (a round after it
         may have saved its own before the crash)."""
         state = checkpoint.state
+        check_state(checkpoint, len(self.heldout), self.folder)
         self.kept, self.sample_rows = np.array(state["kept"], int), np.array(state["sample_rows"], int)
         self.heldout = self.heldout.take(self.kept)
         self.sample = self.heldout.take(self.sample_rows)
         self.best = Selection(**state["best"]) if state["best"] else None
         self.best_round, self.stale, self.durations, self.heat = state["best_round"], state["stale"], state["durations"], checkpoint.heat
         self.strategy.sites |= {int(n): site for n, site in state["sites"].items()}
-        self.strategy.dp_rounds, self.previous_spread, self.kept_out = state["dp_rounds"], state["previous_spread"], state["kept_out"]
+        self.previous_spread, self.kept_out = state["previous_spread"], state["kept_out"]
+        self.strategy.dp_rounds = max(state["dp_rounds"], releases(self.folder))  # a round asked for after the checkpoint counts too
         if checkpoint.adam is not None:
             self.strategy.server_adam.m, self.strategy.server_adam.v = checkpoint.adam
         self.rows = [{k: math.nan if v is None else v for k, v in state["last_row"].items()}]
@@ -275,6 +284,12 @@ class _Run:
             self.best_weights = checkpoint.best_weights
             self.model.set_weights(self.best_weights)
             save_model(self.model, self.folder / "model_best.keras")
+            plot = self.folder / "plots" / f"round_{self.best_round:03d}.png"
+            if plot.is_file():
+                write_atomic(self.folder / "best_model.png", lambda path: shutil.copy(plot, path))
+        else:  # a best model a round after the checkpoint saved before the crash is that round's, which is done again
+            for name in ("model_best.keras", "best_model.png", "model_last.keras"):
+                (self.folder / name).unlink(missing_ok=True)
         self.model.set_weights(checkpoint.weights)
         if checkpoint.round > 0:
             save_model(self.model, self.folder / "model_last.keras")
@@ -287,9 +302,9 @@ class _Run:
         return [(labels[j], name, r) for j in range(len(labels)) for name, r in randomisation_test(self.model, self.sample.images, j, self.cfg.seed)]
 
 
-def _pace(cfg: RunConfig) -> tuple[float, float, float, float]:
-    """How a phase waits for replies: timeout, poll interval, quorum and its grace."""
-    return cfg.round_timeout, cfg.reply_poll_seconds, cfg.round_quorum, cfg.quorum_grace
+def _pace(cfg: RunConfig) -> tuple[float, float, float, float, int]:
+    """How a phase waits for replies: timeout, poll interval, quorum, its grace, and the fewest answers it may go on with."""
+    return cfg.round_timeout, cfg.reply_poll_seconds, cfg.round_quorum, cfg.quorum_grace, cfg.min_hospitals
 
 
 def _plain(row: dict) -> dict:

@@ -17,7 +17,7 @@ from typing import Any
 
 import psutil
 
-from common.config import RunConfig, config_to_dict
+from common.config import RunConfig, config_to_dict, toml_lines
 from common.deployment import BIN, flower_process_env
 from server.run_folder import FAILED, FINISHED, mark_ended, read_status
 
@@ -31,11 +31,6 @@ QUIET_LOGS = {  # defaults only: a variable already set in the environment wins
 
 class RunFailed(RuntimeError):
     """The run did not complete; the message says why."""
-
-
-def toml_lines(settings: dict[str, Any]) -> str:
-    """Run settings as TOML lines (key = value)."""
-    return "".join(f"{k} = {('true' if v else 'false') if isinstance(v, bool) else json.dumps(v)}\n" for k, v in settings.items())
 
 
 def write_run_config(path: Path, cfg: RunConfig, extra: dict[str, Any] | None = None) -> Path:

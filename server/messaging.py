@@ -28,9 +28,12 @@ class Exchange:
         return self.sent.get(reply.metadata.reply_to_message_id, reply.metadata.src_node_id)
 
 
-def send_and_receive(grid: Grid, messages: Iterable[Message], timeout: float, poll: float, quorum: float = 1.0, grace: float = 0.0) -> Exchange:
+def send_and_receive(
+    grid: Grid, messages: Iterable[Message], timeout: float, poll: float, quorum: float = 1.0, grace: float = 0.0, minimum: int = 1,
+) -> Exchange:  # fmt: skip
     """Push the messages, then pull their replies every `poll` seconds until all are in, the timeout passes, or (quorum
-    below 1) `grace` seconds after ceil(quorum x sent) hospitals have replied.
+    below 1) `grace` seconds after ceil(quorum x sent), and at least `minimum`, hospitals have answered without an error
+    (an error reply does not count towards the quorum: the others may still make the round).
 
     Flower's own Grid.send_and_receive waits 3 s between pulls from a deployed SuperLink, so each phase of a round
     lost 1.5 s on average; this uses the same public calls (push_messages, pull_messages) at the run's pace
@@ -41,13 +44,14 @@ def send_and_receive(grid: Grid, messages: Iterable[Message], timeout: float, po
     exchange = Exchange({mid: m.metadata.dst_node_id for mid, m in zip(ids, messages)})
     pending = dict(exchange.sent)
     start = time.monotonic()
-    deadline, enough = start + timeout, math.ceil(quorum * len(ids))
+    deadline, enough = start + timeout, min(len(ids), max(math.ceil(quorum * len(ids)), minimum))
     while pending and time.monotonic() < deadline:
         pulled = list(grid.pull_messages(list(pending)))
         exchange.replies += pulled
         for reply in pulled:
             pending.pop(reply.metadata.reply_to_message_id, None)
-        if quorum < 1 and not exchange.cut_by_quorum and len(ids) - len(pending) >= enough and time.monotonic() + grace < deadline:
+        answered = sum(1 for reply in exchange.replies if not reply.has_error())
+        if quorum < 1 and not exchange.cut_by_quorum and answered >= enough and time.monotonic() + grace < deadline:
             deadline, exchange.cut_by_quorum = time.monotonic() + grace, True
         if pending:
             time.sleep(poll)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 
-from flwr.app import Message, MessageType
+from flwr.app import MessageType
 from flwr.serverapp import Grid
 
 from common import wire
@@ -39,8 +39,8 @@ def check_overlap(grid: Grid, strategy: HospitalFedAvg, heldout: ImageSet, cfg: 
     which = cfg.heldout_overlap == "exclude"
     content = wire.pack_overlap_query(os.urandom(32), [str(d) for d in heldout.digest], which)
     nodes = strategy.ask(grid, "overlap", 0, 1.0)
-    messages = [Message(content=content, dst_node_id=n, message_type=MessageType.QUERY) for n in nodes]
-    replies = send_and_receive(grid, messages, cfg.round_timeout, cfg.reply_poll_seconds, cfg.round_quorum, cfg.quorum_grace)
+    messages = strategy.messages(content, nodes, MessageType.QUERY)
+    replies = send_and_receive(grid, messages, cfg.round_timeout, cfg.reply_poll_seconds, cfg.round_quorum, cfg.quorum_grace, cfg.min_hospitals)
     parse = lambda c: wire.parse_overlap_reply(c, cfg.labels, len(heldout))  # noqa: E731
     answers: list[wire.OverlapReply] = strategy.accept("overlap", replies, parse)
     rows = [{"site": a.site, "count": a.count, "heldout_rows": " ".join(map(str, a.rows)) if a.rows is not None else ""} for a in answers]

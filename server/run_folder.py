@@ -15,12 +15,13 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from common.atomic import write_text
-from common.config import RunConfig, config_to_dict, parse_run_config
+from common.config import RunConfig, config_to_dict, parse_run_config, toml_lines
 from common.errors import ConfigError
 
 STATUS = "status.json"
 RUNNING, FINISHED, FAILED, INTERRUPTED = "running", "finished", "failed", "interrupted"
 STATES = (RUNNING, FINISHED, FAILED, INTERRUPTED)
+RESUME = "resume.toml"  # the run's own settings with resume set: what a deployed resume passes to `flwr run --run-config`
 
 
 def make_run_folder(cfg: RunConfig) -> Path:
@@ -31,6 +32,7 @@ def make_run_folder(cfg: RunConfig) -> Path:
     except FileExistsError:
         raise FileExistsError(f"run folder {folder} exists already: choose another 'run-name'") from None
     write_text(folder / "config.json", json.dumps(config_to_dict(cfg), indent=2) + "\n")
+    write_text(folder / RESUME, toml_lines(config_to_dict(cfg) | {"resume": str(folder.resolve())}))  # for `flwr run --run-config`
     return folder
 
 
@@ -39,9 +41,10 @@ def run_folder(cfg: RunConfig) -> Path:
     return Path(cfg.resume) if cfg.resume else Path(cfg.output_dir) / cfg.run_name
 
 
-def resumed_config(folder: Path) -> RunConfig:
+def resumed_config(folder: Path, given: RunConfig | None = None) -> RunConfig:
     """The settings of the run in folder (its config.json), set to resume it; ConfigError where it cannot be resumed:
-    no such run folder, or one that finished every round."""
+    no such run folder, one that finished every round, or (given: the settings the resuming run was started with, which
+    the hospitals train by) settings that differ from the run's own."""
     folder = Path(folder).resolve()
     try:
         saved = json.loads((folder / "config.json").read_text())
@@ -50,6 +53,13 @@ def resumed_config(folder: Path) -> RunConfig:
     status = read_status(folder) or {}
     if status.get("status") == FINISHED:
         raise ConfigError(f"resume: the run in {folder} finished ({status.get('reason', '')}); there is nothing to resume")
+    if given is not None:
+        differ = sorted(k for k, v in config_to_dict(given).items() if k in saved and k != "resume" and saved[k] != v)
+        if differ:
+            raise ConfigError(
+                f"resume: the settings given differ from the run's own in {', '.join(differ)} (the hospitals would train by them): "
+                f"start the resume with --run-config {folder / RESUME}"
+            )
     return parse_run_config(saved | {"resume": str(folder)}, base_dir=folder)
 
 

@@ -28,7 +28,7 @@ from server.console import say
 from server.defences import Bounds, check_count, check_weights, finite_model
 from server.influence import leave_one_out
 from server.messaging import Exchange
-from server.privacy import central_noise, check_clipped, floor_variances, spent
+from server.privacy import check_clipped, private_mean, spent
 from server.roster import load_roster
 
 log = logging.getLogger(__name__)
@@ -120,6 +120,9 @@ class HospitalFedAvg(FedAvg):
                 if msg.error.code == ErrorCode.NODE_UNAVAILABLE:  # the SuperLink's answer for a node it lost
                     self._fail(node_id, phase, f"node unavailable: its SuperNode stopped sending heartbeats after it was asked ({exchange.seconds:.0f} s into the phase)")
                     continue
+                if msg.error.code in (ErrorCode.MESSAGE_UNAVAILABLE, ErrorCode.REPLY_MESSAGE_UNAVAILABLE):
+                    self._fail(node_id, phase, f"no reply: the SuperLink no longer holds the message or its reply (its time to live, round-timeout = {self.cfg.round_timeout:g} s, ran out)")
+                    continue
                 site, line = wire.parse_error(msg.error.reason)
                 if site is not None and node_id not in self.sites and not self.roster:  # without a roster, a name said is all there is
                     self.sites[node_id] = site
@@ -189,7 +192,12 @@ class HospitalFedAvg(FedAvg):
             self.record.failures.append(entry)
             log.warning("round %d: %s", server_round, entry)
             return []
-        return sample(found.present, fraction, self.cfg.min_hospitals, self.cfg.seed, server_round, phase)
+        return sample(found.present, fraction, self.cfg.min_hospitals, self.cfg.seed, server_round, phase, key=self.site_of)
+
+    def messages(self, content: RecordDict, nodes: list[int], message_type: str) -> list[Message]:
+        """One message per node, living round-timeout seconds: a hospital that comes back from a long absence finds no
+        backlog of old rounds to work through."""
+        return [Message(content=content, dst_node_id=n, message_type=message_type, ttl=self.cfg.round_timeout) for n in nodes]
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
         """Start a new round record (with any late replies to earlier rounds) and ask the connected hospitals to train."""
@@ -198,14 +206,16 @@ class HospitalFedAvg(FedAvg):
         self.collect_late(grid)
         nodes = self.ask(grid, "train", server_round, self.cfg.fraction_train)
         self.record.asked = len(nodes)
+        if self.cfg.dp != "off" and nodes:
+            self.dp_rounds += 1  # counted when asked: a hospital releases its update whether or not the round completes
         config["server-round"] = server_round
-        return self._construct_messages(RecordDict({self.arrayrecord_key: arrays, self.configrecord_key: config}), nodes, MessageType.TRAIN)
+        return self.messages(RecordDict({self.arrayrecord_key: arrays, self.configrecord_key: config}), nodes, MessageType.TRAIN)
 
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
         """Ask the connected hospitals to validate."""
         nodes = self.ask(grid, "evaluate", server_round, self.cfg.fraction_evaluate)
         config["server-round"] = server_round
-        return self._construct_messages(RecordDict({self.arrayrecord_key: arrays, self.configrecord_key: config}), nodes, MessageType.EVALUATE)
+        return self.messages(RecordDict({self.arrayrecord_key: arrays, self.configrecord_key: config}), nodes, MessageType.EVALUATE)
 
     def _bound_train(self, reply: wire.TrainReply) -> None:
         """A train reply's weights and claimed count within the bounds (server/defences.py), and under differential
@@ -222,7 +232,6 @@ class HospitalFedAvg(FedAvg):
         parse = lambda content: wire.parse_train_reply(content, self.weight_shapes, self.cfg.labels)  # noqa: E731
         accepted: list[wire.TrainReply] = self.accept("train", replies, parse, self._bound_train)
         if self.cfg.dp != "off" and self.record.asked:
-            self.dp_rounds += 1
             self.record.privacy = spent(self.cfg, self.dp_rounds, len(accepted))
         self.record.trained = {r.site: r.num_examples for r in accepted}
         self.record.skipped = {r.site: r.skipped for r in accepted}
@@ -235,16 +244,22 @@ class HospitalFedAvg(FedAvg):
             return None, None
         total = sum(r.num_examples for r in accepted)
         weights = self.combine(accepted)
-        self.record.train_loss = sum(r.train_loss * r.num_examples for r in accepted) / total
+        self.record.train_loss = sum(r.train_loss * r.num_examples for r in accepted) / total if self.cfg.dp == "off" else float("nan")  # withheld under DP
         dtypes = [w.dtype for w in self.current]
         why = finite_model(weights, dtypes)
         if why:
             self.record.unavailable["global_model"] = f"{self.cfg.aggregation}: {why}; the previous model is kept"
             self.record.unavailable["global_auc"] = "the previous model was kept, so none was validated"
             log.warning("round %d: %s; the previous global model is kept", server_round, why)
+            self.keep_out()
             return None, None
         metrics = MetricRecord({wire.NUM_EXAMPLES: total, wire.TRAIN_LOSS: self.record.train_loss})
         return ArrayRecord([w.astype(dtypes[i]) for i, w in enumerate(weights)]), metrics
+
+    def keep_out(self) -> None:
+        """The round's new global model will not be used: FedAdam forgets the step it took towards it."""
+        if self.server_adam is not None:
+            self.server_adam.undo()
 
     def combine(self, accepted: list[wire.TrainReply]) -> list[np.ndarray]:
         """The next global weights from the accepted updates, by the run's aggregation rule (server/aggregation.py)."""
@@ -259,11 +274,7 @@ class HospitalFedAvg(FedAvg):
             weights, kept = multikrum(updates, counts, cfg.krum_byzantine)
             self.record.left_out_by_rule = [r.site for i, r in enumerate(accepted) if i not in kept]
             return weights
-        if cfg.dp == "central":
-            return central_noise(updates, cfg, self.variances)
-        weights = weighted_mean(updates, counts)
-        if cfg.dp == "local":
-            weights = floor_variances(weights, self.variances)
+        weights = private_mean(updates, cfg, self.variances) if cfg.dp != "off" else weighted_mean(updates, counts)
         return self.server_adam.step(self.current, weights) if self.server_adam is not None else weights
 
     def aggregate_evaluate(self, server_round: int, replies: Exchange | Iterable[Message]) -> MetricRecord | None:

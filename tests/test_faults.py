@@ -48,8 +48,12 @@ def test_a_phase_waits_for_the_expected_hospitals_at_most_node_wait_and_samples_
     found = attend(_Connected([1, 2], late=3, at=0.2), {1, 2, 3}, 2, 5.0, said.append, poll=0.05)
     assert found.present == [1, 2, 3] and found.absent == [] and found.waited < 2  # went on as soon as it came
     assert attend(_Connected([4, 5]), set(), 2, 5.0, said.append).waited < 0.5  # nobody expected yet, min-hospitals there
-    assert sample([5, 1, 4, 2], 0.5, 1, 42, 3, "train") == sample([1, 2, 4, 5], 0.5, 1, 42, 3, "train")  # repeatable
-    assert len(sample([1, 2, 3, 4], 0.5, 3, 42, 3, "train")) == 3 and sample([1, 2], 1.0, 3, 42, 1, "train") == [1, 2]
+    names = {7: "st-marys", 3: "guys", 9: "kings", 4: "barts"}.get
+    picked = sample([7, 3, 9, 4], 0.5, 1, 42, 3, "train", key=names)
+    renumbered = {70: "st-marys", 30: "guys", 90: "kings", 40: "barts"}  # the same hospitals under other node ids (a new run)
+    again = sample([90, 40, 70, 30], 0.5, 1, 42, 3, "train", key=renumbered.get)
+    assert [names(n) for n in picked] == [renumbered[n] for n in again]  # the same hospitals drawn, by name
+    assert len(sample([1, 2, 3, 4], 0.5, 3, 42, 3, "train")) == 3 and sorted(sample([1, 2], 1.0, 3, 42, 1, "train")) == [1, 2]
 
 
 def _node_status(fed: rehearse.Federation, node_id: int) -> str:

@@ -179,7 +179,7 @@ def test_the_server_refuses_an_unclipped_update_adds_noise_to_the_mean_and_count
     clipped = [[np.full(s, v / math.sqrt(1260), np.float32) for s in SHAPES] for v in (1.0, -1.0, 0.5)]  # norms 1, 1, 0.5
     unclipped = [np.full(s, 0.1, np.float32) for s in SHAPES]  # norm 3.5
     replies = [_reply(f"site{i}", w) for i, w in enumerate(clipped)] + [_reply("site3", unclipped)]
-    strategy.record.asked = 4
+    strategy.record.asked, strategy.dp_rounds = 4, 1  # as configure_train leaves them when it asks four hospitals
     arrays, _ = strategy.aggregate_train(1, replies)
     assert strategy.record.failures == ["site3 (train): invalid reply: its update's norm 3.55 is above 1.001, what dp = central with dp-clip-norm = 1 allows: the hospital did not clip"]
     mean = np.mean([w[0] for w in clipped], axis=0)
@@ -187,9 +187,26 @@ def test_the_server_refuses_an_unclipped_update_adds_noise_to_the_mean_and_count
     assert noise.std() == pytest.approx(1.0 * 1.0 / 3, rel=0.1)  # z x clip / n, n = 3 updates counted
     assert (arrays.to_numpy_ndarrays()[2] >= 1e-3).all()  # a variance never goes below zero
     assert strategy.record.privacy["dp_epsilon"] == pytest.approx(epsilon(1.0, [1.0], 1e-5))
-    strategy.record.asked = 3
+    assert strategy.record.privacy["dp_epsilon_replace_one"] == pytest.approx(epsilon(0.5, [1.0], 1e-5))  # twice the sensitivity
+    assert math.isnan(strategy.record.train_loss)  # withheld under DP
+    strategy.record.asked, strategy.dp_rounds = 3, 2  # a second round asked for (configure_train counts it)
     strategy.aggregate_train(2, replies[:3])
     assert strategy.record.privacy["dp_epsilon"] == pytest.approx(epsilon(1.0, [1.0, 1.0], 1e-5))  # the budget adds up
+
+
+@pytest.mark.usefixtures("task_identity")
+def test_local_dp_counts_each_hospital_once_and_refuses_an_update_beyond_clip_and_noise():
+    cfg = _dp("local", z=0.01, clip=1.0)
+    strategy = _strategy(cfg)
+    small = [np.full(s, 0.01, np.float32) for s in SHAPES]  # norm 0.35: within clipping
+    other = [np.full(s, 0.02, np.float32) for s in SHAPES]
+    huge = [np.full(s, 1.0, np.float32) for s in SHAPES]  # norm 35.5, beyond 1.001 + 0.01 x (sqrt(1260) + 4) = 1.396
+    replies = [_reply("site0", small), _reply("site1", other), _reply("site2", huge)]
+    replies[1].content["metrics"]["num-examples"] = 100_000  # a claim that would carry an image-weighted mean
+    strategy.record.asked = 3
+    arrays, _ = strategy.aggregate_train(1, replies)
+    assert strategy.record.failures[0].startswith("site2 (train): invalid reply: its update's norm 35.5 is above 1.396, what dp = local")
+    assert np.allclose(arrays.to_numpy_ndarrays()[0], 0.015)  # the plain mean of the two, not weighted by the claim
 
 
 def test_central_dp_refuses_a_robust_rule_it_was_not_sized_for():

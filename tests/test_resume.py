@@ -159,3 +159,33 @@ def test_a_serverapp_killed_after_round_1_resumes_to_the_same_figures_as_a_run_l
     pd.testing.assert_frame_equal(_table(folder / "sites.csv"), _table(tmp_path / "whole" / "sites.csv"))
     assert sorted(p.name for p in (folder / "plots").iterdir()) == ["round_001.png", "round_002.png", "round_003.png"]
     assert not own_flower_processes()
+
+
+def test_a_run_folder_carries_its_resume_settings_and_a_resume_with_other_settings_is_refused(tmp_path):
+    import tomllib
+
+    from common.config import parse_run_config as parse
+    from common.errors import ConfigError
+    from server.run_folder import RESUME, make_run_folder, resumed_config
+
+    cfg = parse({"output-dir": str(tmp_path), "run-name": "r", "dp": "local", "learning-rate": 0.001})
+    folder = make_run_folder(cfg)
+    given = parse(tomllib.loads((folder / RESUME).read_text()))  # what `flwr run --run-config resume.toml` hands the apps
+    assert resumed_config(folder, given) == given and given.resume == str(folder.resolve())
+    plain = parse({"resume": str(folder)})  # only resume= given: the hospitals would train with the defaults (dp off)
+    with pytest.raises(ConfigError, match=r"differ from the run's own in dp, learning-rate, output-dir, run-name .*--run-config .*resume.toml"):
+        resumed_config(folder, plain)
+
+
+def test_a_checkpoint_whose_state_does_not_fit_the_run_is_refused_in_one_line(tmp_path):
+    from server.checkpoint import check_state
+
+    written, _ = _checkpoint()
+    written.state |= {"kept": [0, 1, 2, 3], "sample_rows": [0, 3], "stale": 1, "dp_rounds": 0}
+    check_state(written, 4, tmp_path)
+    written.state["kept"] = [0, 1, 2, 9]  # a held-out row the set does not have
+    with pytest.raises(CheckpointError, match="its held-out rows do not fit this run"):
+        check_state(written, 4, tmp_path)
+    written.state["kept"], written.best_weights = [0, 1, 2, 3], [np.zeros((3, 3), np.float32)]
+    with pytest.raises(CheckpointError, match="its best weights do not fit this run"):
+        check_state(written, 4, tmp_path)

@@ -186,3 +186,15 @@ def test_a_reply_without_a_site_name_is_rejected():
     content = RecordDict({wire.METRICS: MetricRecord({wire.NUM_EXAMPLES: 0, wire.TRAIN_LOSS: 0.1, wire.SKIPPED: 0, wire.NOT_IMAGES: 0}), wire.SITE: site})
     with pytest.raises(wire.ReplyError, match="expected a positive number of images"):
         wire.parse_train_reply(content, SHAPES, LABELS)
+
+
+def test_fedadam_forgets_the_step_towards_a_model_that_is_kept_out():
+    from server.aggregation import ServerAdam
+
+    adam = ServerAdam(0.1, [True])
+    current = [np.zeros(3)]
+    adam.step(current, [np.ones(3)])
+    m, v = [a.copy() for a in adam.m], [a.copy() for a in adam.v]
+    adam.step(current, [np.full(3, 1e150)])  # a step towards a broken mean
+    adam.undo()
+    assert np.array_equal(adam.m[0], m[0]) and np.array_equal(adam.v[0], v[0])  # as if the broken round never came

@@ -22,7 +22,7 @@ HISTORY_COLUMNS = [
     "heldout_npv_at_threshold", "heldout_f1_at_threshold", "heldout_accuracy_at_threshold", "heldout_brier",
     "gradcam_pointing", "gradcam_energy_in_box", "gradcam_border_energy", "gradcam_drift", "gradcam_warning",
     "n_sites", "n_failed", "n_rejected", "n_val", "train_loss", "seconds", "selection_criterion", "selection_value", "best",
-    "failures", "late_replies", "left_out_by_rule", "loo_auc_shift", "loo_sensitivity_shift", "loo_site", "influence_warning", "dp_epsilon", "dp_delta", "dp_noise_sd", "unavailable",
+    "failures", "late_replies", "left_out_by_rule", "loo_auc_shift", "loo_sensitivity_shift", "loo_site", "influence_warning", "dp_epsilon", "dp_epsilon_replace_one", "dp_delta", "dp_noise_sd", "unavailable",
 ]  # fmt: skip  (per-label columns '<figure>__<label>' and the rest follow these)
 SITE_COLUMNS = ["round", "site", "n_train", "n_val", "auc", "sensitivity", "specificity", "intervals", "note", "update_norm"]
 

@@ -12,7 +12,7 @@ HERE = Path(__file__).resolve().parent
 PROJECT = HERE.parent.parent
 sys.path.insert(0, str(PROJECT))
 
-from server.launch import toml_lines  # noqa: E402 - the project's root, whichever folder this is imported from
+from common.config import toml_lines  # noqa: E402 - the project's root, whichever folder this is imported from
 
 
 def make_attack_app(folder: Path) -> Path:
