@@ -56,10 +56,12 @@ def run(name: str, attack: str, settings: dict, rounds: int, images: int, workdi
         outcome = f"failed: {str(exc).split(' (run folder')[0]}"
     history = pd.read_csv(Path(cfg.output_dir) / cfg.run_name / "history.csv")
     last = history.iloc[-1]
+    left_out = pd.Series([site for cell in history["left_out_by_rule"].astype("string").fillna("") for site in cell.split("; ") if site]).value_counts().to_dict()
     kept_out = history["unavailable"].astype("string").fillna("").str.contains("global_model").sum()
     return {"scenario": name, "attack": attack, "aggregation": cfg.aggregation, "max_update_norm": cfg.max_update_norm,
             "heldout_auc": last["heldout_auc"], "refused_replies": int(history["n_rejected"].sum()), "models_kept_out": int(kept_out),
-            "left_out_by_rule": int(history["left_out_by_rule"].astype("string").fillna("").str.len().gt(0).sum()), "run": outcome}  # fmt: skip
+            "left_out_by_rule": int(history["left_out_by_rule"].astype("string").fillna("").str.len().gt(0).sum()),
+            "left_out_sites": " ".join(f"{site}x{n}" for site, n in sorted(left_out.items())), "run": outcome}  # fmt: skip
 
 
 def main() -> None:

@@ -1,5 +1,5 @@
 """Checkpoint and resume: the checkpoint file itself, the refusals of `server.simulate --resume`, and a real simulation
-whose ServerApp is killed after round 1 and resumed, against the same deterministic run left alone."""
+whose ServerApp is killed after round 2 and resumed, against the same deterministic run left alone."""
 
 from __future__ import annotations
 
@@ -118,7 +118,7 @@ def _simulation(tmp_path: Path, name: str) -> subprocess.Popen:
     return subprocess.Popen(argv, cwd=PROJECT, env=env, stdout=open(tmp_path / f"{name}.log", "w"), stderr=subprocess.STDOUT)
 
 
-def test_a_serverapp_killed_after_round_1_resumes_to_the_same_figures_as_a_run_left_alone(tmp_path, own_flower_processes):
+def test_a_serverapp_killed_after_round_2_resumes_to_the_same_figures_as_a_run_left_alone(tmp_path, own_flower_processes):
     whole = _simulation(tmp_path, "whole")
     assert whole.wait(timeout=600) == 0, (tmp_path / "whole.log").read_text()
 
@@ -127,7 +127,7 @@ def test_a_serverapp_killed_after_round_1_resumes_to_the_same_figures_as_a_run_l
     deadline = time.monotonic() + 400
     while time.monotonic() < deadline:
         try:
-            if load_checkpoint(folder).round >= 1:
+            if load_checkpoint(folder).round >= 2:
                 break
         except CheckpointError:
             pass
