@@ -5,7 +5,7 @@ under plain FedAvg and each robust aggregation rule, all measured in one run.
     .venv/bin/python benchmarks/robustness.py --only clean --only flip/median
 
 The federation: 5 built-in hospitals x 300 images at 32x32, 8 rounds of 3 local epochs (its clean run reaches a
-held-out AUC near 0.89). The attacker (hospital-4) runs fedimaging's own code and alters its train replies
+held-out AUC near 0.88). The attacker (hospital-4) runs fedimaging's own code and alters its train replies
 (tests/attack_app): `flip` sends its weights sign-flipped, `scale` sends them x1e6. Plain FedAvg runs with the
 norm bound (max-update-norm) switched off, to show what the bound and the rules each prevent. Prints a table and
 writes benchmarks/results/robustness.csv.

@@ -217,14 +217,16 @@ def test_central_dp_refuses_a_robust_rule_it_was_not_sized_for():
         parse_run_config({"dp": "central", "aggregation": "median"})
 
 
-@pytest.mark.parametrize("mode, z", [("central", 0.5), ("local", 2.0)])
-def test_a_simulation_with_dp_records_its_budget_each_round(tmp_path, own_flower_processes, mode, z):
+def test_a_simulation_with_local_dp_records_its_budget_each_round(tmp_path, own_flower_processes):
+    # Central DP runs through a real simulation in tests/test_benchmarks.py (the privacy benchmark, noise 1.0).
+    mode, z = "local", 0.5
     import pandas as pd
 
     from server import simulate
 
     settings = {"num-server-rounds": 2, "num-hospitals": 2, "images-per-hospital": 60, "heldout-images": 30, "image-size": 32,
-                "min-bin-images": 2, "gradcam-images": 0, "dp": mode, "dp-noise-multiplier": z, "output-dir": str(tmp_path), "run-name": mode}  # fmt: skip
+                "min-bin-images": 2, "gradcam-images": 0, "dp": mode, "dp-noise-multiplier": z, "dp-clip-norm": 0.1,
+                "output-dir": str(tmp_path), "run-name": mode}  # fmt: skip  (noise small enough that the model is not kept out as collapsed)
     folder = simulate.simulate(simulate.prepare(settings))
     history = pd.read_csv(folder / "history.csv")
     assert history["n_rejected"].tolist() == [0, 0, 0] and history["n_sites"].tolist()[1:] == [2, 2]  # both hospitals clipped
