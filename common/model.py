@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
+import random
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import keras
 import numpy as np
 import tensorflow as tf
+from keras.src.random import seed_generator  # where Keras keeps the generator its default seeds come from
 
 from common.config import RunConfig
 
@@ -140,14 +144,34 @@ def set_anchor(model: keras.Model) -> None:
             anchor.assign(weight.value)
 
 
+@contextlib.contextmanager
+def _own_python_random(seed: int) -> Iterator[None]:
+    """While the block runs, Keras draws the default seeds of its initializers from a generator of its own, seeded:
+    it otherwise draws them from Python's global generator, which other threads draw from too (Flower's heartbeat
+    jitter), so that the same seed gave different initial weights from run to run."""
+    shared = seed_generator.python_random
+    seed_generator.python_random = random.Random(seed)
+    try:
+        yield
+    finally:
+        seed_generator.python_random = shared
+
+
 def build_model(
     name: str, input_shape: tuple[int, int, int], n_labels: int, learning_rate: float, focal_gamma: float = 0.0, proximal_mu: float = 0.0,
+    seed: int | None = None,
 ) -> keras.Model:  # fmt: skip
     """Build and compile a named architecture: (weighted, optionally focal) binary cross-entropy on logits, one per
-    label (multi-label ready), Adam; with FedProx's proximal term when proximal_mu > 0."""
+    label (multi-label ready), Adam; with FedProx's proximal term when proximal_mu > 0. With a seed, the same initial
+    weights every time, whatever other threads do."""
     if name not in ARCHITECTURES:
         raise ValueError(f"unknown model {name!r}: expected one of {', '.join(ARCHITECTURES)}")
-    model = ARCHITECTURES[name](input_shape, n_labels)
+    if seed is None:
+        model = ARCHITECTURES[name](input_shape, n_labels)
+    else:
+        keras.utils.set_random_seed(seed)
+        with _own_python_random(seed):
+            model = ARCHITECTURES[name](input_shape, n_labels)
     if proximal_mu > 0:
         model = ProximalModel(model.inputs, model.outputs, proximal_mu, name=model.name)
     model.compile(optimizer=keras.optimizers.Adam(learning_rate), loss=WeightedFocalLoss(n_labels, focal_gamma))

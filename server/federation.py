@@ -17,7 +17,6 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import keras
 import numpy as np
 import tensorflow as tf
 from flwr.app import ArrayRecord, ConfigRecord
@@ -115,8 +114,7 @@ class _Run:
         for recorder in self.recorders:
             recorder.start(RunInfo(cfg, self.folder, checkpoint.round if checkpoint else None))
         self.heldout = server_heldout(cfg)
-        keras.utils.set_random_seed(cfg.seed)  # just before: Flower's threads draw from Python's generator too (heartbeat jitter)
-        self.model = build_model(cfg.model, self.heldout.images.shape[1:], len(cfg.labels), cfg.learning_rate)
+        self.model = build_model(cfg.model, self.heldout.images.shape[1:], len(cfg.labels), cfg.learning_rate, seed=cfg.seed)
         shapes = [tuple(w.shape) for w in self.model.get_weights()]
         if checkpoint is not None:
             require_model(checkpoint, identity(cfg, shapes), self.folder)
