@@ -13,6 +13,7 @@ import sys
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
+from common.cli import program  # noqa: E402
 from common.config import parse_overrides, parse_run_config, project_settings  # noqa: E402
 from common.data_check import check_site  # noqa: E402
 from common.errors import ConfigError  # noqa: E402
@@ -21,7 +22,7 @@ from common.site_file import load_site_config  # noqa: E402
 
 def main(argv: list[str] | None = None) -> int:
     """Command line: load the site file and the run settings, run the check, print the report."""
-    parser = argparse.ArgumentParser(prog="python -m client.check_data", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(prog=program("python -m client.check_data"), description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("site", help="the site's YAML file")
     parser.add_argument("--run-config", "-c", action="append", default=[], help="space-separated key=value run settings (the run's labels, image size, channels)")
     args = parser.parse_args(argv)

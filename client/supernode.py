@@ -36,6 +36,7 @@ from pathlib import Path
 from client.hospital import check_policy_names
 from client.isolation import AppUser, app_user, check_isolation, private_home
 from client.worker import KEY_FILE, SOCKET_FILE
+from common.cli import program
 from common.deployment import DEFAULT_USER, INSECURE_WARNING, SuperNodeSetup, flower_process_env, listening, superexec_command, supernode_command, write_secret
 from common.errors import ConfigError
 from common.site_file import load_site_config
@@ -108,7 +109,7 @@ def _clientapp_env(home: Path) -> dict[str, str]:
 
 def command_line() -> argparse.ArgumentParser:
     """The hospital's start command's options."""
-    parser = argparse.ArgumentParser(prog="python -m client.supernode", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(prog=program("python -m client.supernode"), description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--site", type=Path, required=True, help="this hospital's site YAML file")
     parser.add_argument("--superlink", required=True, help="the federation's address, host:port (the proxy in front of the SuperLink)")
     parser.add_argument("--ca", type=Path, help="the federation's CA certificate (ca.crt)")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import json
 import shlex
 import tomllib
@@ -104,6 +105,9 @@ class RunConfig:
     mixed_precision: bool = _setting(False, None, "true or false", "train in mixed float16 on a hospital's GPU (no effect on a CPU)")
     output_dir: str = _setting("runs", None, "a folder path", "where run folders are written")
     run_name: str = _setting("", None, "a folder name, or empty for a timestamp", "name of this run's folder")
+    tensorboard: bool = _setting(True, None, "true or false", "write TensorBoard event files into the run folder's tensorboard/ (`tensorboard --logdir runs/` shows every run)")
+    mlflow_tracking_uri: str = _setting("", None, "an MLflow tracking URI (file:, http(s):, ...), or empty for none", "also record the run's settings, figures per round and best model to this MLflow tracking location (needs the mlflow extra)")
+    mlflow_experiment: str = _setting("fedimaging", lambda v: bool(v), "an experiment name", "mlflow-tracking-uri: the MLflow experiment the run is recorded under")
 
     @property
     def data_path(self) -> Path | None:
@@ -161,6 +165,14 @@ def _coerce(key: str, value: Any, f: dataclasses.Field) -> Any:
     return value
 
 
+def require_mlflow(cfg: RunConfig) -> None:
+    """ConfigError where the run asks for MLflow (mlflow-tracking-uri) and it is not installed here."""
+    if cfg.mlflow_tracking_uri and importlib.util.find_spec("mlflow") is None:
+        raise ConfigError(
+            "run setting 'mlflow-tracking-uri': MLflow is not installed here: bash scripts/bootstrap.sh mlflow (or pip install 'fedimaging[mlflow]')"
+        )
+
+
 def parse_run_config(raw: dict[str, Any], base_dir: Path | None = None) -> RunConfig:
     """Check every run setting and return the RunConfig; relative paths resolve against base_dir (default: cwd)."""
     unknown = sorted(set(raw) - set(_FIELDS))
@@ -183,12 +195,17 @@ def _resolve_paths(cfg: RunConfig, base_dir: Path) -> RunConfig:
     def absolute(path: str) -> str:
         return str((base_dir / path).resolve()) if path else path
 
+    def tracking(uri: str) -> str:  # a local MLflow store as a path: absolute, for the ServerApp runs elsewhere
+        if not uri or ("://" in uri and not uri.startswith("file://")):
+            return uri
+        return Path(absolute(uri.removeprefix("file://").removeprefix("file:"))).as_uri()
+
     data = cfg.data if cfg.data == "synthetic" else absolute(cfg.data)
     sites = tuple(absolute(site) for site in cfg.sites)
     cfg = dataclasses.replace(
         cfg, data=data, sites=sites, heldout_site=absolute(cfg.heldout_site), initial_weights=absolute(cfg.initial_weights),
         output_dir=absolute(cfg.output_dir), num_hospitals=len(sites) or cfg.num_hospitals, roster=absolute(cfg.roster),
-        resume=absolute(cfg.resume),
+        resume=absolute(cfg.resume), mlflow_tracking_uri=tracking(cfg.mlflow_tracking_uri),
     )  # fmt: skip
     if cfg.roster and not Path(cfg.roster).is_file():
         raise ConfigError(f"run setting 'roster': file not found: {cfg.roster}")

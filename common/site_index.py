@@ -56,12 +56,17 @@ def _refuse_unlistable(exc: OSError) -> None:
     raise DataError(f"{exc.filename}: {reason}")
 
 
-def visible_files(folder: Path) -> list[Path]:
-    """Every file under a folder, recursively, sorted, without hidden files and operating-system clutter."""
-    found = []
+def visible_files(folder: Path, passed_over: list[Path] | None = None) -> list[Path]:
+    """Every file under a folder, recursively, sorted, without hidden files and folders and operating-system clutter
+    (those are added to passed_over, where given, for the caller to list)."""
+    found, hidden = [], []
     for top, folders, files in os.walk(folder, onerror=_refuse_unlistable, followlinks=True):
+        hidden += [Path(top) / f for f in folders if f.startswith(".")]
         folders[:] = [f for f in folders if not f.startswith(".")]
         found += [Path(top) / f for f in files if not f.startswith(".") and f not in IGNORED_FILES]
+        hidden += [Path(top) / f for f in files if f.startswith(".") or f in IGNORED_FILES]
+    if passed_over is not None:
+        passed_over += sorted(hidden)
     return sorted(found)
 
 

@@ -141,7 +141,7 @@ def describe(path: Path) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     """Command line: ca, superlink, hospital or show."""
-    parser = argparse.ArgumentParser(prog="python deploy/certificates.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(prog=os.environ.get("FEDIMAGING_PROG", "python deploy/certificates.py"), description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
     ca = sub.add_parser("ca", help="make the certificate authority")
     superlink = sub.add_parser("superlink", help="make (or renew) the SuperLink's TLS certificate")

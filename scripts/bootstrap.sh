@@ -21,12 +21,15 @@ fi
 extras=$(IFS=,; echo "$*")
 
 # The deployment tests start Debian's nginx (the Fleet-only proxy) and use curl and setpriv as an outsider and as the
-# ClientApps' own user would. As root (CI) they are installed here; otherwise, name what to install.
+# ClientApps' own user would; the monitor's test drives Debian's chromium through its chromedriver. As root (CI) they
+# are installed here; otherwise, name what to install.
 if [[ ",$extras," == *,test,* ]]; then
   missing=()
   command -v nginx >/dev/null 2>&1 || [ -x /usr/sbin/nginx ] || missing+=(nginx-light)
   command -v curl >/dev/null 2>&1 || missing+=(curl)
   command -v setpriv >/dev/null 2>&1 || missing+=(util-linux)
+  command -v chromium >/dev/null 2>&1 || missing+=(chromium)
+  command -v chromedriver >/dev/null 2>&1 || missing+=(chromium-driver)
   if [ ${#missing[@]} -gt 0 ]; then
     if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
       echo "fedimaging: installing ${missing[*]} for the deployment tests..."
@@ -38,14 +41,26 @@ if [[ ",$extras," == *,test,* ]]; then
     fi
   fi
 fi
-stamp=".venv/.installed-$(cat pyproject.toml | sha256sum | cut -c1-16)-${extras:-base}"
+# .venv/.installed records what is installed: pyproject.toml's hash and the extras. A command asking for extras already
+# there (the simulation after the tests) installs nothing; new extras are added beside the others, never swapped for them.
+hash=$(sha256sum pyproject.toml | cut -c1-16)
+record=.venv/.installed
+first=no
 if [ ! -x .venv/bin/python ]; then
   "$python" -m venv .venv
+  first=yes
 fi
-if [ ! -f "$stamp" ]; then
-  echo "fedimaging: installing into .venv (first time: about 2 minutes, 3 GB)..."
+had_hash="" had_extras=""
+if [ -f "$record" ]; then read -r had_hash had_extras < "$record" || true; fi
+wanted=$(printf '%s\n' ${had_extras//,/ } ${extras//,/ } | sed '/^$/d' | sort -u | paste -sd, -)
+if [ "$had_hash" != "$hash" ] || [ "$wanted" != "$had_extras" ]; then
+  if [ "$first" = yes ]; then
+    echo "fedimaging: installing into .venv (first time: about 2 minutes, 3 GB)..."
+  else
+    echo "fedimaging: updating .venv (${wanted:-no extras}; pyproject.toml or the extras asked for changed)..."
+  fi
   .venv/bin/python -m pip install --quiet --upgrade pip
-  .venv/bin/python -m pip install --quiet --editable ".${extras:+[$extras]}"
-  rm -f .venv/.installed-*
-  touch "$stamp"
+  .venv/bin/python -m pip install --quiet --editable ".${wanted:+[$wanted]}"
+  rm -f .venv/.installed-*  # the records of earlier versions of this script
+  echo "$hash $wanted" > "$record"
 fi

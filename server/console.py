@@ -3,7 +3,9 @@
 
 from __future__ import annotations
 
+PREFIX = "[fedimaging] "  # what the launchers pass on to the console from the run's streamed log
+
 
 def say(text: str) -> None:
     """One line of progress for the operator."""
-    print(f"[fedimaging] {text}", flush=True)
+    print(f"{PREFIX}{text}", flush=True)

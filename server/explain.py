@@ -4,8 +4,9 @@ recognised by content; sub-folders included).
     .venv/bin/python -m server.explain runs/<run-id>/model_best.keras path/to/images --out explained/ [--sanity]
 
 Writes one picture per image and label (<image>__<label>.png: the heatmap over the image, its colour scale, the
-probability and the call at the threshold) and predictions.csv: one row per file found, in the same columns every
-time (file, status, the probability of each label, the call at the threshold, and why a file was not explained).
+probability and the call at the threshold) and predictions.csv: one row per file found, hidden and operating-system
+files (passed over) included, in the same columns every time (file, status, the probability of each label, the call at
+the threshold, and why a file was not explained).
 The label names and the threshold come from the config.json beside the model (the run's `threshold`), or --threshold.
 """
 
@@ -20,6 +21,7 @@ import keras
 import numpy as np
 import pandas as pd
 
+from common.cli import program
 from common.errors import DataError, NotAnImage
 from common.gradcam import gradcam, randomisation_test
 from common.images import read_image, to_model_input
@@ -28,7 +30,7 @@ from common.site_index import visible_files
 from server.plots import describe_call, explained_picture
 from server.recorders.progress import sanity_verdict
 
-EXPLAINED, NOT_AN_IMAGE, UNREADABLE = "explained", "not an image", "unreadable"
+EXPLAINED, NOT_AN_IMAGE, UNREADABLE, PASSED_OVER = "explained", "not an image", "unreadable", "passed over"
 
 
 def run_settings(model_path: Path, n_labels: int) -> tuple[list[str], float, str]:
@@ -48,11 +50,15 @@ def explain(model_path: Path, folder: Path, out: Path, sanity: bool, threshold: 
     size, channels = model.input_shape[1], model.input_shape[3]
     names, run_threshold, fit = run_settings(model_path, model.output_shape[-1])
     threshold = run_threshold if threshold is None else threshold
-    files = visible_files(folder)
+    hidden: list[Path] = []
+    files = visible_files(folder, hidden)
     if not files:
-        raise ValueError(f"{folder}: no files")
+        raise ValueError(f"{folder}: no files" + (f" other than {len(hidden)} hidden or system file(s)" if hidden else ""))
     columns = ["file", "status"] + [f"p_{n}" for n in names] + [f"called_{n}" for n in names] + ["reason"]
     rows, images, readable = [], [], []
+    for path in hidden:  # listed, never silently dropped: a hidden file may be an image someone exported oddly
+        why = "a hidden folder (its name starts with '.'), not looked into" if path.is_dir() else "a hidden or operating-system file, by its name"
+        rows.append({"file": str(path.relative_to(folder)), "status": PASSED_OVER, "reason": why})
     for path in files:
         name = str(path.relative_to(folder))
         try:
@@ -91,8 +97,8 @@ def explain(model_path: Path, folder: Path, out: Path, sanity: bool, threshold: 
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Command line: exit 0 when every image was explained, 1 when some files were left out, 2 on bad arguments."""
-    parser = argparse.ArgumentParser(prog="python -m server.explain", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    """Command line: exit 0 when every file but hidden and system ones was explained, 1 when some were left out, 2 on bad arguments."""
+    parser = argparse.ArgumentParser(prog=program("python -m server.explain"), description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("model", type=Path, help="a saved global model (.keras)")
     parser.add_argument("images", type=Path, help="a folder of image files (PNG, JPEG, DICOM; sub-folders too)")
     parser.add_argument("--out", type=Path, default=Path("explained"), help="where pictures and predictions.csv go")
@@ -106,10 +112,14 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, OSError) as exc:
         print(f"explain: error: {exc}", file=sys.stderr)
         return 2
-    left = table[table["status"] != EXPLAINED]
-    for _, row in left.iterrows():
+    left = table[table["status"].isin([NOT_AN_IMAGE, UNREADABLE])]
+    passed = table[table["status"] == PASSED_OVER]
+    for _, row in pd.concat([left, passed]).iterrows():
         print(f"explain: {row['file']}: {row['status']}: {row['reason']}", file=sys.stderr)
-    print(f"explain: {len(table) - len(left)} image(s) explained, {len(left)} file(s) left out (listed above); results in {args.out}")
+    print(
+        f"explain: {len(table) - len(left) - len(passed)} image(s) explained, {len(left)} file(s) left out, "
+        f"{len(passed)} hidden or system file(s) passed over (each listed above and in predictions.csv); results in {args.out}"
+    )
     return 1 if len(left) else 0
 
 

@@ -62,7 +62,7 @@ def _run_in(grid: Grid, cfg: RunConfig, folder: Path) -> None:
     """The rounds of a run whose folder this process holds."""
     if cfg.deterministic:
         tf.config.experimental.enable_op_determinism()
-    recorders = default_recorders(folder)
+    recorders = default_recorders(folder, cfg)
     run = _Run(grid, cfg, folder, recorders)
     try:
         outcome = run.all_rounds()

@@ -10,6 +10,8 @@ import re
 import socket
 import ssl
 import subprocess
+import sys
+import threading
 import time
 import urllib.request
 from pathlib import Path
@@ -19,6 +21,7 @@ import psutil
 
 from common.config import RunConfig, config_to_dict, toml_lines
 from common.deployment import BIN, flower_process_env
+from server.console import PREFIX
 from server.run_folder import FAILED, FINISHED, mark_ended, read_status
 
 PROJECT = Path(__file__).resolve().parent.parent
@@ -31,6 +34,11 @@ QUIET_LOGS = {  # defaults only: a variable already set in the environment wins
 
 class RunFailed(RuntimeError):
     """The run did not complete; the message says why."""
+
+
+def interruption(exc: BaseException) -> tuple[str, int]:
+    """What stopped a command (Ctrl-C, or SIGTERM turned into SystemExit) in words, and the exit code it ends with."""
+    return ("Ctrl-C", 130) if isinstance(exc, KeyboardInterrupt) else ("a termination signal", 143)
 
 
 def write_run_config(path: Path, cfg: RunConfig, extra: dict[str, Any] | None = None) -> Path:
@@ -112,6 +120,45 @@ def stop(process: subprocess.Popen, flwr_home: Path) -> None:
     psutil.wait_procs(alive, timeout=5)
     with contextlib.suppress(subprocess.TimeoutExpired):
         process.wait(1)
+
+
+def stream_run(command: list[str], env: dict[str, str], log: Path, verbose: bool = False, timeout: float | None = None) -> str:
+    """Run `flwr run --stream`, writing every line it prints to log and passing to the console only the run's own
+    lines ('[fedimaging] ...'; every line when verbose); returns the whole output. It runs in a session of its own, so
+    a terminal's Ctrl-C reaches only this process, which then stops it; RunFailed where it outlives timeout seconds."""
+    lines = []
+    with open(log, "w") as out:
+        process = subprocess.Popen(
+            command, env=env, cwd=PROJECT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, errors="replace", start_new_session=True
+        )  # fmt: skip
+        expired = threading.Event()
+        watchdog = threading.Timer(timeout or 0, lambda: (expired.set(), process.terminate()))
+        if timeout:
+            watchdog.start()
+        try:
+            for line in process.stdout:
+                out.write(line)
+                out.flush()
+                lines.append(line)
+                ours = line.find(PREFIX)  # Ray puts a worker's pid before its lines
+                if verbose or ours >= 0:
+                    print(line if verbose else line[ours:], end="", flush=True)
+            process.wait()
+        except KeyboardInterrupt:
+            print("fedimaging: interrupted: stopping the run...", file=sys.stderr, flush=True)
+            raise
+        finally:
+            watchdog.cancel()
+            if process.poll() is None:
+                process.terminate()
+                try:
+                    process.wait(5)
+                except subprocess.TimeoutExpired:
+                    process.kill()
+                    process.wait()
+    if expired.is_set():
+        raise RunFailed(f"the run did not end within {timeout:.0f} s and was stopped; its log is in {log}")
+    return "".join(lines)
 
 
 def started_run(output: str) -> str | None:

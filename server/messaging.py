@@ -22,6 +22,7 @@ class Exchange:
     pending: dict[str, int] = field(default_factory=dict)  # message id -> node, for the messages nobody answered in time
     seconds: float = 0.0  # how long the server waited
     cut_by_quorum: bool = False  # the phase ended at the quorum's grace, not at the timeout
+    arrived: dict[str, float] = field(default_factory=dict)  # message id -> seconds from the push to its reply's arrival
 
     def node_of(self, reply: Message) -> int:
         """The node a reply answers for: the one its message went to (the SuperLink answers for a node it lost)."""
@@ -50,6 +51,7 @@ def send_and_receive(
         exchange.replies += pulled
         for reply in pulled:
             pending.pop(reply.metadata.reply_to_message_id, None)
+            exchange.arrived.setdefault(reply.metadata.reply_to_message_id, time.monotonic() - start)
         answered = sum(1 for reply in exchange.replies if not reply.has_error())
         if quorum < 1 and not exchange.cut_by_quorum and answered >= enough and time.monotonic() + grace < deadline:
             deadline, exchange.cut_by_quorum = time.monotonic() + grace, True

@@ -33,13 +33,15 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from common.cli import program
 from common.config import RunConfig, parse_overrides, parse_run_config, project_settings
 from common.demo_sites import write_demo_sites
 from common.deployment import CREATE_USER, DEFAULT_USER, INSECURE_WARNING, SuperNodeSetup, closed_folders, run_as, superexec_command, supernode_command
 from common.errors import ConfigError, DataError
 from common.site_file import load_site_config
 from common.tls import DeploymentError
-from server.launch import BIN, PROJECT, RunFailed, free_port, outcome, started_run, write_run_config
+from server.launch import BIN, PROJECT, RunFailed, free_port, interruption, outcome, started_run, stream_run, write_run_config
+from server.run_folder import FAILED, INTERRUPTED, RUNNING, mark_ended
 from server.stack import CONNECTION, ServerStack, start_stack, stop_stack
 
 CERTIFICATES = PROJECT / "deploy" / "certificates.py"
@@ -93,7 +95,12 @@ def ensure_app_user(name: str = DEFAULT_USER) -> bool:
         pwd.getpwnam(name)
     except KeyError:
         print(f"fedimaging: creating the ClientApp user: {CREATE_USER.format(name=name)}", flush=True)
-        subprocess.run(CREATE_USER.format(name=name).split(), check=True, capture_output=True)
+        made = subprocess.run(CREATE_USER.format(name=name).split(), capture_output=True, text=True)
+        if made.returncode != 0:  # another rehearsal may have made it meanwhile (useradd exits 9: the user exists)
+            try:
+                pwd.getpwnam(name)
+            except KeyError:
+                raise RunFailed(f"could not create the ClientApp user {name!r}: {made.stderr.strip()}") from None
     for folder in closed_folders():  # e.g. /root, where pyenv keeps Python: other users may pass, not list
         print(f"fedimaging: letting the ClientApp user through {folder} to this installation: chmod o+x {folder}", flush=True)
         folder.chmod(folder.stat().st_mode | 0o001)
@@ -167,7 +174,7 @@ def federation(workdir: Path, insecure: bool = False) -> Iterator[Federation]:
                 os.killpg(node.pid, signal.SIGTERM)
         for node in fed.nodes:
             try:
-                node.wait(30)
+                node.wait(10)
             except subprocess.TimeoutExpired:
                 with contextlib.suppress(OSError):
                     os.killpg(node.pid, signal.SIGKILL)
@@ -177,19 +184,23 @@ def federation(workdir: Path, insecure: bool = False) -> Iterator[Federation]:
                 shutil.copy(stack.state / log, workdir / "logs" / log)
 
 
-def run(federation: Federation, cfg: RunConfig, timeout: float = 1800) -> Path:
-    """Submit the app with `flwr run` (naming hospitals from the roster, where hospitals were registered), wait for it,
-    and return the run folder; RunFailed says why not."""
+def run(federation: Federation, cfg: RunConfig, timeout: float = 1800, verbose: bool = False) -> Path:
+    """Submit the app with `flwr run` (naming hospitals from the roster, where hospitals were registered), show its
+    progress, wait for it, and return the run folder; RunFailed says why not. Interrupted (Ctrl-C, SIGTERM), the run
+    folder says so."""
     if not cfg.roster and federation.stack.roster.exists():
         cfg = dataclasses.replace(cfg, roster=str(federation.stack.roster))
     settings = write_run_config(federation.workdir / "run-config.toml", cfg)
     command = [str(BIN / "flwr"), "run", str(PROJECT), CONNECTION, "--stream", "--run-config", str(settings)]
     log = federation.workdir / "logs" / f"flwr-run-{cfg.run_name}.log"
-    with open(log, "w") as out:
-        subprocess.run(command, env=federation.env, cwd=PROJECT, stdout=out, stderr=subprocess.STDOUT, timeout=timeout, check=False)
     folder = Path(cfg.output_dir) / cfg.run_name
     try:
-        outcome(CONNECTION, federation.env, folder, started_run(log.read_text()))
+        output = stream_run(command, federation.env, log, verbose, timeout)
+    except (KeyboardInterrupt, SystemExit) as exc:
+        mark_ended(folder, INTERRUPTED, f"interrupted by {interruption(exc)[0]}", replacing=(RUNNING, FAILED))
+        raise
+    try:
+        outcome(CONNECTION, federation.env, folder, started_run(output))
     except RunFailed as exc:
         raise RunFailed(f"{exc}; logs in {federation.workdir / 'logs'}") from None
     return folder
@@ -209,7 +220,7 @@ def rehearsal_config(workdir: Path, heldout: Path, hospitals: int, rounds: int, 
     return parse_run_config(settings)
 
 
-def rehearse(workdir: Path, hospitals: int, rounds: int, insecure: bool = False, overrides: dict | None = None) -> Path:
+def rehearse(workdir: Path, hospitals: int, rounds: int, insecure: bool = False, overrides: dict | None = None, verbose: bool = False) -> Path:
     """The whole rehearsal: sites (the demo's, or the site files the settings name), the data check, certificates,
     the aggregation server, the hospitals, a run; returns the run folder."""
     demo = parse_run_config({**project_settings(), "num-hospitals": hospitals, "images-per-hospital": 100, "heldout-images": 60, "image-size": 32})
@@ -235,26 +246,31 @@ def rehearse(workdir: Path, hospitals: int, rounds: int, insecure: bool = False,
                 register(fed, certs / "hospitals" / f"{name}.pub", name)
             start_supernode(fed, site_file, key, name)
         start = time.time()
-        folder = run(fed, cfg)
+        folder = run(fed, cfg, verbose=verbose)
         print(f"fedimaging: {rounds} rounds in {time.time() - start:.0f} s (run submitted to finished)", flush=True)
     return folder
 
 
 def main(argv: list[str] | None = None) -> int:
     """Command line: rehearse, and exit 0 only if the run completed."""
-    parser = argparse.ArgumentParser(prog="python -m server.rehearse", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(prog=program("python -m server.rehearse"), description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--hospitals", type=int, default=2, choices=range(1, 9), metavar="N")
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--workdir", type=Path, help="keep everything here (default: a temporary folder, kept if the run fails)")
     parser.add_argument("--insecure", action="store_true", help="no TLS, no node authentication")
     parser.add_argument("--run-config", "-c", action="append", default=[], help="space-separated key=value run settings")
+    parser.add_argument("--verbose", "-v", action="store_true", help="also show Flower's, Ray's and TensorFlow's lines (always in the work folder's logs/)")
     args = parser.parse_args(argv)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     workdir = (args.workdir or Path(tempfile.mkdtemp(prefix="fedimaging-rehearsal-"))).resolve()
     if args.insecure:
         print(INSECURE_WARNING, file=sys.stderr)
     try:
-        folder = rehearse(workdir, args.hospitals, args.rounds, args.insecure, parse_overrides(args.run_config))
+        folder = rehearse(workdir, args.hospitals, args.rounds, args.insecure, parse_overrides(args.run_config), args.verbose)
+    except (KeyboardInterrupt, SystemExit) as exc:
+        how, code = interruption(exc)
+        print(f"fedimaging: rehearsal interrupted by {how}; every process it started was stopped; work folder {workdir}", file=sys.stderr)
+        return code
     except (ConfigError, DataError, DeploymentError) as exc:
         print(f"fedimaging: error: {exc}", file=sys.stderr)
         return 2

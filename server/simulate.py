@@ -16,20 +16,20 @@ import argparse
 import os
 import shutil
 import signal
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
-from common.config import RunConfig, config_to_dict, describe_settings, parse_overrides, parse_run_config, project_settings
+from common.cli import program
+from common.config import RunConfig, config_to_dict, describe_settings, parse_overrides, parse_run_config, project_settings, require_mlflow
 from common.errors import ConfigError, DataError
 from common.deployment import write_secret
 from common.partition import assign_hospitals, pool_labels
 from common.site_file import load_site_config, site_label_sources
 from common.site_index import index_site
-from server.launch import BIN, PROJECT, RunFailed, flower_env, outcome, start_superlink, stop, write_run_config
+from server.launch import BIN, PROJECT, RunFailed, flower_env, interruption, outcome, start_superlink, stop, stream_run, write_run_config
 from server.checkpoint import CheckpointError, identity, load_checkpoint, require_model
 from server.run_folder import FAILED, INTERRUPTED, RUNNING, hold, mark_ended, resumed_config, run_folder
 
@@ -39,6 +39,7 @@ CONNECTION = "fedimaging-simulation"
 def prepare(overrides: dict[str, Any]) -> RunConfig:
     """The checked run configuration, with the run named and every path absolute; raises ConfigError before anything starts."""
     cfg = parse_run_config({**project_settings(), **overrides}, base_dir=PROJECT)
+    require_mlflow(cfg)
     if cfg.sites:  # fails now, not in a client, if a site file is wrong or does not cover the run's labels
         for path in cfg.sites:
             site = load_site_config(path)
@@ -91,9 +92,10 @@ def federation_config(cfg: RunConfig) -> str:
     return f"num-supernodes={cfg.num_hospitals} client-resources-num-cpus={cfg.threads_per_client} client-resources-num-gpus=0.0"
 
 
-def simulate(cfg: RunConfig, app: Path = PROJECT, extra: dict[str, Any] | None = None) -> Path:
+def simulate(cfg: RunConfig, app: Path = PROJECT, extra: dict[str, Any] | None = None, verbose: bool = False) -> Path:
     """Run the simulation to its end; returns the run folder, or raises RunFailed saying why. Another Flower app folder
-    (one that wraps fedimaging's apps) may be run the same way, with its own run settings in extra."""
+    (one that wraps fedimaging's apps) may be run the same way, with its own run settings in extra. The console shows
+    the run's own lines (Flower's, Ray's and TensorFlow's too when verbose); all of them go to the run folder's flwr-run.log."""
     folder = run_folder(cfg)
     print(f"fedimaging: simulating {cfg.num_hospitals} hospitals for {cfg.num_server_rounds} rounds; run folder {folder}", flush=True)
     # Ray keeps Unix sockets in its temporary folder, whose paths may not exceed 107 bytes: a short folder of this run's
@@ -112,12 +114,17 @@ def simulate(cfg: RunConfig, app: Path = PROJECT, extra: dict[str, Any] | None =
             write_connection(flwr_home, port)
             command = [str(BIN / "flwr"), "run", str(app), CONNECTION, "--stream"]
             command += ["--run-config", str(settings), "--federation-config", federation_config(cfg)]
-            subprocess.run(command, env=env, cwd=PROJECT, check=False)
-            outcome(CONNECTION, env, folder)
+            stream_run(command, env, flwr_home / "flwr-run.log", verbose)
+            try:
+                outcome(CONNECTION, env, folder)
+            except RunFailed as exc:
+                raise RunFailed(f"{exc}; Flower's log: {folder / 'flwr-run.log'}") from None
         finally:
             stop(superlink, flwr_home)
             if folder.is_dir():
-                shutil.copy(flwr_home / "superlink.log", folder / "superlink.log")
+                for log in ("superlink.log", "flwr-run.log"):
+                    if (flwr_home / log).exists():
+                        shutil.copy(flwr_home / log, folder / log)
     return folder
 
 
@@ -125,11 +132,12 @@ def main(argv: list[str] | None = None) -> int:
     """Command line: check the settings, run, and exit 0 only if the run completed."""
     settings = "\n".join(f"  {key:<24} {default!s:<12} {allowed}: {doc}" for key, default, allowed, doc in describe_settings())
     parser = argparse.ArgumentParser(
-        prog="python -m server.simulate", description=__doc__, epilog=f"run settings (key, default, allowed: meaning):\n{settings}",
+        prog=program("python -m server.simulate"), description=__doc__, epilog=f"run settings (key, default, allowed: meaning):\n{settings}",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )  # fmt: skip
     parser.add_argument("--run-config", "-c", action="append", default=[], help="space-separated key=value run settings")
     parser.add_argument("--resume", type=Path, metavar="RUN_FOLDER", help="continue a stopped run after its last checkpointed round, with its own settings")
+    parser.add_argument("--verbose", "-v", action="store_true", help="also show Flower's, Ray's and TensorFlow's lines (always in the run folder's flwr-run.log)")
     args = parser.parse_args(argv)
     # A SIGTERM (a scheduler, `kill`) unwinds like Ctrl-C, so the SuperLink and everything it started are stopped too.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
@@ -142,7 +150,7 @@ def main(argv: list[str] | None = None) -> int:
             raise ConfigError(f"--resume takes the run's own settings from its config.json; leave out {', '.join(sorted(overrides))}")
         cfg = prepare_resume(Path(resume)) if resume else prepare(overrides)
         check_data(cfg)
-        folder = simulate(cfg)
+        folder = simulate(cfg, verbose=args.verbose)
     except (ConfigError, DataError) as exc:
         print(f"fedimaging: error: {exc}", file=sys.stderr)
         return 2
@@ -150,11 +158,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"fedimaging: the simulation failed: {exc}", file=sys.stderr)
         return 1
     except (KeyboardInterrupt, SystemExit) as exc:
-        how = "Ctrl-C" if isinstance(exc, KeyboardInterrupt) else "a termination signal"
+        how, code = interruption(exc)
         if cfg is not None:
             mark_ended(run_folder(cfg), INTERRUPTED, f"interrupted by {how}", replacing=(RUNNING, FAILED))
         print(f"fedimaging: interrupted by {how}; every process of the run was stopped", file=sys.stderr)
-        return 130 if isinstance(exc, KeyboardInterrupt) else 143
+        return code
     print(f"fedimaging: completed in {time.time() - started:.0f} s; results in {folder}", flush=True)
     return 0
 

@@ -58,7 +58,7 @@ class RoundRecord:
     pos: np.ndarray | None = None  # (n_labels, n_bins) pooled histograms (estimated), for the ROC plot
     neg: np.ndarray | None = None
     sites: list[dict] = field(default_factory=list)  # one row per evaluated site, for sites.csv
-    received: list[dict] = field(default_factory=list)  # every reply that arrived: phase, node, site, bytes, SHA-256 (received.csv)
+    received: list[dict] = field(default_factory=list)  # every reply that arrived: phase, node, site, bytes, SHA-256, seconds into the phase (received.csv)
 
 
 class HospitalFedAvg(FedAvg):
@@ -129,7 +129,8 @@ class HospitalFedAvg(FedAvg):
                 self._fail(node_id, phase, f"client error: {line}")
                 continue
             summary = wire.payload_summary(msg.content)  # what arrived, to match against the hospitals' audit logs
-            self.record.received.append({"phase": phase, "node_id": node_id, "bytes": summary["bytes"], "sha256": summary["sha256"]})
+            seconds = exchange.arrived.get(msg.metadata.reply_to_message_id, float("nan"))
+            self.record.received.append({"phase": phase, "node_id": node_id, "bytes": summary["bytes"], "sha256": summary["sha256"], "seconds": seconds})
             try:
                 reply = parse(msg.content)
                 self._check_identity(node_id, reply.site)

@@ -20,6 +20,7 @@ import signal
 import sys
 from pathlib import Path
 
+from common.cli import program
 from common.deployment import INSECURE_WARNING
 from common.errors import ConfigError
 from common.tls import DeploymentError, check_server_files
@@ -37,7 +38,7 @@ def _listen(text: str) -> tuple[str, int]:
 
 def register_command_line() -> argparse.ArgumentParser:
     """`register`'s options."""
-    parser = argparse.ArgumentParser(prog="python -m server.superlink register", description="Register a hospital's SuperNode key and add it to the roster.")
+    parser = argparse.ArgumentParser(prog=program("python -m server.superlink") + " register", description="Register a hospital's SuperNode key and add it to the roster.")
     parser.add_argument("--certs", type=Path, help="the certificate folder: the roster is written there (roster.yaml)")
     parser.add_argument("--state", type=Path, default=Path("state"), help="the running server's state folder")
     parser.add_argument("--name", required=True, help="the hospital's name, as in its site file")
@@ -60,7 +61,7 @@ def _register(argv: list[str]) -> int:
 
 def command_line() -> argparse.ArgumentParser:
     """The server's start command's options."""
-    parser = argparse.ArgumentParser(prog="python -m server.superlink", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(prog=program("python -m server.superlink"), description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--certs", type=Path, help="folder with ca.crt, superlink.crt and superlink.key (deploy/certificates.py)")
     parser.add_argument("--listen", type=_listen, required=True, help="host:port hospitals connect to (nginx listens here; no default)")
     parser.add_argument("--state", type=Path, default=Path("state"), help="where the database, secret, logs and proxy files are kept")

@@ -58,3 +58,36 @@ def own_flower_processes(tmp_path, monkeypatch):
         return [p for p in psutil.process_iter() if mine(p, below)]
 
     return listing
+
+
+# The small run several tests read (the run folder, the trackers, the monitor): 3 hospitals, 2 rounds, 32x32.
+SMALL_RUN = "num-server-rounds=2 num-hospitals=3 images-per-hospital=80 heldout-images=30 image-size=32 min-hospitals=3 min-bin-images=2"
+
+
+@pytest.fixture(scope="session")
+def finished_run(tmp_path_factory):
+    """One small simulation, run once per session as a user runs it (`fedimaging simulate`, the console command), with
+    MLflow recording to a local file store: (run folder, console output, exit code, MLflow tracking URI, the Flower and
+    Ray processes it left running). Tests only read it; one that changes files works on a copy."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import psutil
+
+    base = tmp_path_factory.mktemp("finished-run")
+    private = base / "tmp"
+    private.mkdir()
+    uri = (base / "mlruns").as_uri()
+    command = [str(Path(sys.executable).with_name("fedimaging")), "simulate"]
+    command += ["-c", SMALL_RUN, "-c", f"output-dir='{base / 'runs'}' run-name='e2e' mlflow-tracking-uri='{uri}'"]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=900, env={**os.environ, "TMPDIR": str(private)})
+
+    def left(p: psutil.Process) -> bool:
+        try:
+            named = any(name in " ".join(p.cmdline()) for name in FLOWER_NAMES)
+            return named and p.environ().get("FLWR_HOME", "").startswith(str(private))
+        except (psutil.Error, OSError):
+            return False
+
+    return base / "runs" / "e2e", done.stdout + done.stderr, done.returncode, uri, [p for p in psutil.process_iter() if left(p)]

@@ -9,8 +9,11 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import pytest
 
 PROJECT = Path(__file__).resolve().parent.parent
+
+pytestmark = pytest.mark.xdist_group("finished-run")  # the tests that read the session's one small run share a worker
 BENCHMARKS = PROJECT / "benchmarks"
 
 
@@ -102,3 +105,12 @@ def test_the_privacy_benchmark_reports_the_auc_and_epsilon_of_a_dp_run(tmp_path)
     row = table.iloc[0]
     assert row["scenario"] == "central-z1" and row["dp"] == "central" and row["noise_multiplier"] == 1.0
     assert 0 < row["epsilon"] < 50 and 0 <= row["heldout_auc"] <= 1 and "central-z1" in out
+
+
+def test_the_monitor_benchmark_times_rounds_onto_the_page(tmp_path, finished_run):
+    out = _run("monitor.py", "--run", str(finished_run[0]), "--every", "0.5", "--results", str(tmp_path))
+    rounds = pd.read_csv(tmp_path / "monitor.csv")
+    assert rounds["round"].tolist() == [1, 2] and rounds["seconds_to_page"].between(0, 30).all()
+    summary = pd.read_csv(tmp_path / "monitor-summary.csv").iloc[0]
+    assert summary["page_js_heap_mib"] > 0 and summary["browser_rss_mib"] > 0 and summary["monitor_rss_mib"] > 0
+    assert "on the page after" in out

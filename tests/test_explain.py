@@ -29,16 +29,21 @@ def test_explain_writes_pictures_and_predictions_and_lists_every_file_it_left_ou
     (images / "plan.dcm").write_bytes(open(get_testdata_file("rtplan.dcm", download=False), "rb").read())
     (images / "broken.png").write_bytes(b"not an image")
     (images / "notes.txt").write_text("not an image file")
+    (images / ".DS_Store").write_bytes(b"\x00\x00\x00\x01Bud1")  # what a Mac leaves in an exported folder
+    (images / ".thumbnails").mkdir()
+    Image.fromarray(rng.integers(0, 256, (32, 32), dtype=np.uint8)).save(images / ".thumbnails" / "t.png")
 
     code = explain.main([str(run / "model_best.keras"), str(images), "--out", str(tmp_path / "out"), "--sanity"])
     out = capsys.readouterr()
     assert code == 1 and "randomisation test nodule" in out.out and "|rho|" in out.out
     assert "broken.png: unreadable: not a PNG, JPEG or DICOM file" in out.err and "notes.txt: unreadable" in out.err
     assert "plan.dcm: not an image: a DICOM RT Plan Storage object" in out.err
+    assert ".DS_Store: passed over: a hidden or operating-system file" in out.err and ".thumbnails: passed over: a hidden folder" in out.err
+    assert "4 image(s) explained, 3 file(s) left out, 2 hidden or system file(s) passed over" in out.out
     table = pd.read_csv(tmp_path / "out" / "predictions.csv")
     assert list(table.columns) == ["file", "status", "p_nodule", "p_cardiomegaly", "called_nodule", "called_cardiomegaly", "reason"]
     table = table.set_index("file")
-    assert sorted(table.index) == ["broken.png", "colour.png", "ct", "deep.png", "notes.txt", "plan.dcm", "sub/plain.jpg"]
+    assert sorted(table.index) == [".DS_Store", ".thumbnails", "broken.png", "colour.png", "ct", "deep.png", "notes.txt", "plan.dcm", "sub/plain.jpg"]
     explained = ["colour.png", "ct", "deep.png", "sub/plain.jpg"]
     assert (table.loc[explained, "status"] == "explained").all()
     assert table.loc[explained, ["p_nodule", "p_cardiomegaly"]].stack().between(0, 1).all()

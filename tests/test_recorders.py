@@ -4,6 +4,7 @@ real replies, the server's held-out check and Grad-CAM check run on a real (smal
 from __future__ import annotations
 
 import json
+import shutil
 
 import keras
 import numpy as np
@@ -200,3 +201,36 @@ def test_a_round_without_any_validation_is_judged_as_the_latest_model():
     assert judge({"global_auc": 0.7}, 1).beats(judge({"global_log_loss": 0.1}, 2))  # a round judged by AUC beats any judged by log loss
     assert judge({"global_log_loss": 0.2}, 2).beats(judge({"global_log_loss": 0.3}, 1)) and judge({}, 4).beats(judge({}, 3))
     assert json.dumps(judge({"global_auc": 0.9}, 1).describe()) == '"pooled validation AUC 0.900"'
+
+
+def test_mlflow_goes_on_in_the_same_run_after_a_resume_and_a_lost_store_costs_records_not_the_run(run, tmp_path, capsys, monkeypatch):
+    from mlflow import MlflowClient
+
+    from server.recorders.mlflow_tracking import MlflowRecorder
+
+    cfg, folder, *_ = run
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")
+    uri = (tmp_path / "mlruns").as_uri()
+    first = MlflowRecorder(folder, uri, "tests")
+    first.start(RunInfo(cfg, folder))
+    for rnd in (0, 1):
+        first.record(_report(run, rnd))
+    first.finish(_outcome(FAILED, "the server stopped"))  # a crash after round 1, then a resume after it
+    again = MlflowRecorder(folder, uri, "tests")
+    again.start(RunInfo(cfg, folder, resumed=1))
+    assert again.run_id == first.run_id
+    again.record(_report(run, 2))
+    again.finish(_outcome())
+    client = MlflowClient(tracking_uri=uri)
+    recorded = client.get_run(first.run_id)
+    assert recorded.info.status == "FINISHED" and recorded.data.params["image-size"] == "16"
+    assert [m.step for m in client.get_metric_history(first.run_id, "heldout/auc")] == [0, 1, 2]
+    assert sorted(m.step for m in client.get_metric_history(first.run_id, "hospital/hospital-0/n_val")) == [1, 2]
+
+    lost = MlflowRecorder(folder, (tmp_path / "gone").as_uri(), "tests")
+    lost.start(RunInfo(cfg, folder))
+    shutil.rmtree(tmp_path / "gone")  # the store vanishes mid-run
+    lost.record(_report(run, 1))
+    lost.finish(_outcome())
+    out = capsys.readouterr().out
+    assert "MLflow: round 1 not recorded at" in out and "MLflow: 2 record(s) missing" in out

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import signal
 import subprocess
 import sys
+import time
 
 import keras
 import numpy as np
@@ -14,19 +17,19 @@ import pytest
 
 from server import simulate
 
+pytestmark = pytest.mark.xdist_group("finished-run")  # the tests that read the session's one small run share a worker
+
 # 16 validation images a hospital: with a floor of 2 images an interval, their intervals still rank something after
 # two rounds. The floor's own tests (tests/test_bin_floor.py, and the small-sites run below) use the default floor.
-SMALL = "num-server-rounds=2 num-hospitals=3 images-per-hospital=80 heldout-images=30 image-size=32 min-hospitals=3 min-bin-images=2"
+from tests.conftest import SMALL_RUN as SMALL  # noqa: E402
 
 
-def test_a_two_round_simulation_writes_a_complete_run_folder(tmp_path, capfd, own_flower_processes):
-    code = simulate.main(["-c", SMALL, "-c", f"output-dir='{tmp_path}' run-name='e2e'"])
-    out = capfd.readouterr().out
+def test_a_two_round_simulation_writes_a_complete_run_folder(finished_run):
+    folder, out, code, _, left = finished_run  # `fedimaging simulate` of SMALL (tests/conftest.py)
     assert code == 0, out
-    folder = tmp_path / "e2e"
     files = {p.name for p in folder.iterdir()}
     assert {"config.json", "status.json", "history.csv", "sites.csv", "received.csv", "overlap.csv", "history.png", "best_model.png",
-            "model_last.keras", "model_best.keras", "superlink.log"} <= files
+            "model_last.keras", "model_best.keras", "superlink.log", "flwr-run.log"} <= files
     assert not [f for f in files if f.startswith(".")]  # no temporary file left behind
     status = json.loads((folder / "status.json").read_text())
     assert status["status"] == "finished" and status["last_round"] == 2 and status["num_rounds"] == 2
@@ -74,7 +77,54 @@ def test_a_two_round_simulation_writes_a_complete_run_folder(tmp_path, capfd, ow
     assert model.output_shape == (None, 1)
     assert f"run folder: {folder}" in out and "round 2/2" in out and "hospital-0 holds 0 of the 30 held-out images" in out
     assert pd.read_csv(folder / "overlap.csv")["count"].tolist() == [0, 0, 0]
-    assert not own_flower_processes()  # the private SuperLink and everything it started are gone
+    received = pd.read_csv(folder / "received.csv")
+    assert received.loc[received["phase"] == "train", "seconds"].between(0, 600).all()  # when each hospital's update arrived
+    assert not left  # the private SuperLink and everything it started are gone
+
+
+def test_the_console_keeps_to_the_runs_own_lines_and_the_run_folder_keeps_the_rest(finished_run):
+    folder, out, *_ = finished_run
+    for noise in ("DeprecationWarning", "cuda", "default simulated SuperNodes", "INFO", "FutureWarning"):
+        assert noise not in out, noise
+    lines = [line for line in out.splitlines() if line.strip()]
+    assert all(line.startswith(("fedimaging", "[fedimaging] ")) for line in lines), lines
+    assert "Starting Flower Simulation" in (folder / "flwr-run.log").read_text()  # everything Flower said, for when it went wrong
+
+
+def test_every_run_writes_tensorboard_events_that_tensorboard_reads(finished_run):
+    from tensorboard.backend.event_processing.plugin_event_accumulator import EventAccumulator
+
+    folder = finished_run[0]
+    history, sites = pd.read_csv(folder / "history.csv"), pd.read_csv(folder / "sites.csv")
+    events = EventAccumulator(str(folder / "tensorboard"), size_guidance={"tensors": 0})
+    events.Reload()
+
+    def series(tag):
+        import tensorflow as tf
+
+        return {e.step: float(tf.make_ndarray(e.tensor_proto)) for e in events.Tensors(tag)}
+
+    assert series("heldout/auc") == pytest.approx(dict(zip(history["round"], history["heldout_auc"])), abs=1e-6)
+    assert series("pooled/auc") == pytest.approx(dict(zip(history["round"][1:], history["global_auc"][1:])), abs=1e-6)
+    own = sites[sites["site"] == "hospital-1"]
+    assert series("hospital/hospital-1/n_train") == pytest.approx(dict(zip(own["round"], own["n_train"].astype(float))))
+    assert {"pictures/report", "pictures/gradcam"} <= set(events.Tags()["tensors"])
+
+
+def test_a_run_with_a_tracking_location_is_recorded_in_mlflow(finished_run, monkeypatch):
+    from mlflow import MlflowClient
+
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")  # MLflow 3.7+ reads its file store only when told
+
+    folder, _, _, uri, _ = finished_run
+    client = MlflowClient(tracking_uri=uri)
+    experiment = client.get_experiment_by_name("fedimaging")
+    (run,) = client.search_runs([experiment.experiment_id])
+    assert run.info.status == "FINISHED" and run.info.run_name == "e2e" and run.data.params["num-server-rounds"] == "2"
+    history = pd.read_csv(folder / "history.csv")
+    recorded = {m.step: m.value for m in client.get_metric_history(run.info.run_id, "heldout/auc")}
+    assert recorded == pytest.approx(dict(zip(history["round"], history["heldout_auc"])), abs=1e-6)
+    assert {"model_best.keras", "history.csv", "sites.csv", "config.json"} <= {a.path for a in client.list_artifacts(run.info.run_id)}
 
 
 def test_a_run_that_fails_inside_flower_exits_non_zero_and_says_why(tmp_path, capfd, own_flower_processes):
@@ -266,3 +316,26 @@ def test_three_small_hospitals_give_a_pooled_auc_near_the_exact_one_while_anothe
     print(f"three small hospitals: pooled AUC {last['global_auc']:.3f}, exact {exact:.3f}, bounds {last['global_auc_low']:.3f}-{last['global_auc_high']:.3f}")
     assert (folder / "model_best.keras").is_file() and (folder / "best_model.png").is_file() and (folder / "history.png").is_file()
     assert sorted(p.name for p in (folder / "plots").iterdir()) == [f"round_{r:03d}.png" for r in range(1, 7)]
+
+
+def test_ctrl_c_stops_the_run_within_seconds_says_so_and_marks_the_run_folder(tmp_path, own_flower_processes):
+    """A terminal's Ctrl-C reaches the whole foreground process group: the command says it was interrupted at once,
+    stops every process of the run, and leaves a run folder that says 'interrupted', without a traceback."""
+    folder = tmp_path / "stopped"
+    command = [sys.executable, "-m", "server.simulate", "-c", f"{SMALL} num-server-rounds=20 output-dir='{tmp_path}' run-name='stopped'"]
+    run = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
+                           env={**os.environ, "TMPDIR": str(tmp_path / "tmp")})  # fmt: skip
+    deadline = time.monotonic() + 300
+    while not (folder / "history.csv").exists() and time.monotonic() < deadline and run.poll() is None:
+        time.sleep(0.2)
+    assert run.poll() is None, run.stdout.read()
+    os.killpg(run.pid, signal.SIGINT)
+    pressed = time.monotonic()
+    out, _ = run.communicate(timeout=60)
+    assert run.returncode == 130, out
+    assert time.monotonic() - pressed < 30, out  # Flower's processes get 15 s to stop before they are killed
+    assert "interrupted by Ctrl-C" in out and "Traceback" not in out, out
+    status = json.loads((folder / "status.json").read_text())
+    assert status["status"] == "interrupted" and status["reason"] == "interrupted by Ctrl-C"
+    assert not own_flower_processes()
+

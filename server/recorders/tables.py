@@ -68,5 +68,5 @@ class TablesRecorder(Recorder):
         history, sites = ordered(self.rows, HISTORY_COLUMNS), ordered(self.site_rows, SITE_COLUMNS)
         write_csv(self.folder / "history.csv", history, float_format="%.6g")
         write_csv(self.folder / "sites.csv", sites, float_format="%.6g")
-        write_csv(self.folder / "received.csv", pd.DataFrame(self.received, columns=["round", "phase", "node_id", "site", "bytes", "sha256"]))
+        write_csv(self.folder / "received.csv", pd.DataFrame(self.received, columns=["round", "phase", "node_id", "site", "bytes", "sha256", "seconds"]))
         plot_history(history, sites, self.folder / "history.png")
