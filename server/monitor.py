@@ -19,11 +19,13 @@ import argparse
 import hmac
 import ipaddress
 import json
+import re
 import mimetypes
 import secrets
 import signal
 import ssl
 import sys
+import threading
 import urllib.parse
 from dataclasses import dataclass
 from http import HTTPStatus
@@ -34,8 +36,11 @@ from common.cli import program
 from server.run_reader import StallRule, detail, is_run, list_runs, stamp, summary
 
 PAGE = Path(__file__).resolve().parent / "monitor_page"
-SERVED = {".png": "image/png", ".csv": "text/csv; charset=utf-8", ".json": "application/json"}  # run-folder files the page may fetch
 COOKIE = "fedimaging_monitor"
+FILES = re.compile(r"(plots/round_\d{3}\.png|gradcam/round_\d{3}/grid\.png|history\.png|best_model\.png)")  # what the page shows of a run
+TOKEN = re.compile(r"[A-Za-z0-9._~-]{16,}")  # a token that travels safely in a URL and a cookie
+MAX_CONNECTIONS = 64  # connections served at once
+IDLE_SECONDS = 20  # a connection silent this long (TLS handshake, request, reading the answer) is closed
 
 
 @dataclass(frozen=True)
@@ -86,22 +91,37 @@ def handler(cfg: MonitorConfig) -> type[BaseHTTPRequestHandler]:
 
     class Handler(BaseHTTPRequestHandler):
         server_version = "fedimaging-monitor"
+        timeout = IDLE_SECONDS  # on the socket: a client that stalls (TLS handshake included) loses its connection
 
         def log_message(self, format: str, *args) -> None:  # noqa: A002 - the base class's name
             """Quiet: the console is for the operator's lines."""
 
         def do_GET(self) -> None:  # noqa: N802 - the base class's name
-            """Answer a page, a static file, an API call or a run-folder picture."""
+            """Answer, or say in one line on the console what went wrong and answer 500."""
+            try:
+                self._answer()
+            except (ConnectionError, TimeoutError):
+                raise
+            except Exception as exc:  # noqa: BLE001 - one bad request or run folder must not take the monitor down
+                print(f"fedimaging monitor: {self.path[:200]!r} failed: {type(exc).__name__}: {exc}", file=sys.stderr, flush=True)
+                self._send(HTTPStatus.INTERNAL_SERVER_ERROR, b"the monitor could not answer this (said on its console)\n", "text/plain")
+
+        def _answer(self) -> None:
+            """A page, a static file, an API call or a run's picture."""
             url = urllib.parse.urlsplit(self.path)
             query = urllib.parse.parse_qs(url.query)
+            path = urllib.parse.unquote(url.path)
+            if any(ord(c) < 32 for c in path):
+                return self._send(HTTPStatus.BAD_REQUEST, b"control characters in the path\n", "text/plain")
             if not self._host_allowed():
                 return self._send(HTTPStatus.FORBIDDEN, b"this monitor answers only requests to its own address\n", "text/plain")
             given = self._token(query)
-            if cfg.token and not hmac.compare_digest(given, cfg.token):
+            if cfg.token and not hmac.compare_digest(given.encode(), cfg.token.encode()):
                 return self._send(HTTPStatus.UNAUTHORIZED, b"a token is needed: open the address printed when the monitor started\n", "text/plain")
-            path = urllib.parse.unquote(url.path)
+            if cfg.token and "token" in query:  # keep it in a cookie, and out of the address bar and the history
+                return self._send(HTTPStatus.SEE_OTHER, b"", "text/plain", cookie=True, location="/" + (f"#{url.fragment}" if url.fragment else ""))
             if path in ("/", "/index.html"):
-                return self._file(PAGE / "index.html", cookie=bool(cfg.token) and "token" in query)
+                return self._file(PAGE / "index.html")
             if path.startswith("/static/"):
                 name = path.removeprefix("/static/")
                 source = plotly_js() if name == "plotly.min.js" else PAGE / name
@@ -120,9 +140,9 @@ def handler(cfg: MonitorConfig) -> type[BaseHTTPRequestHandler]:
                 if parts[3:] == ["stamp"]:
                     return self._json({"stamp": stamp(folder), "state": summary(folder, rule=cfg.stall)["state"]})
             if len(parts) >= 3 and parts[0] == "files":
-                folder = self._run(parts[1])
-                target = (folder / "/".join(parts[2:])).resolve() if folder is not None else None
-                if target is None or not target.is_relative_to(folder) or target.suffix not in SERVED or not target.is_file():
+                folder, name = self._run(parts[1]), "/".join(parts[2:])
+                target = (folder / name).resolve() if folder is not None and FILES.fullmatch(name) else None
+                if target is None or not target.is_relative_to(folder) or not target.is_file():
                     return self._send(HTTPStatus.NOT_FOUND, b"not found\n", "text/plain")
                 return self._file(target)
             return self._send(HTTPStatus.NOT_FOUND, b"not found\n", "text/plain")
@@ -137,7 +157,7 @@ def handler(cfg: MonitorConfig) -> type[BaseHTTPRequestHandler]:
             """On loopback, only requests addressed to loopback (no DNS rebinding); elsewhere the token guards."""
             if not loopback(cfg.host):
                 return True
-            host = (self.headers.get("Host") or "").rsplit(":", 1)[0].strip("[]")
+            host = urllib.parse.urlsplit("//" + (self.headers.get("Host") or "")).hostname or ""
             return loopback(host)
 
         def _token(self, query: dict) -> str:
@@ -156,27 +176,31 @@ def handler(cfg: MonitorConfig) -> type[BaseHTTPRequestHandler]:
         def _run(self, name: str) -> Path | None:
             """The run folder of that name directly under the runs folder, or None."""
             folder = (root / name).resolve()
-            return folder if folder.parent == root and is_run(folder) else None
+            return folder if folder.parent == root and is_run(root / name) else None
 
         def _json(self, value) -> None:
             """Answer with JSON (never cached: it changes as the run goes)."""
             self._send(HTTPStatus.OK, json.dumps(value, allow_nan=False).encode(), "application/json")
 
-        def _file(self, path: Path, cookie: bool = False) -> None:
+        def _file(self, path: Path) -> None:
             """Answer with a file's bytes."""
-            kind = SERVED.get(path.suffix) or mimetypes.guess_type(path.name)[0] or "application/octet-stream"
+            kind = mimetypes.guess_type(path.name)[0] or "application/octet-stream"
             if kind.startswith("text/") or kind.endswith("javascript"):
-                kind = kind.split(";")[0] + "; charset=utf-8"
-            self._send(HTTPStatus.OK, path.read_bytes(), kind, cookie)
+                kind += "; charset=utf-8"
+            self._send(HTTPStatus.OK, path.read_bytes(), kind)
 
-        def _send(self, code: HTTPStatus, body: bytes, kind: str, cookie: bool = False) -> None:
+        def _send(self, code: HTTPStatus, body: bytes, kind: str, cookie: bool = False, location: str = "") -> None:
             """One whole answer."""
             self.send_response(code)
             self.send_header("Content-Type", kind)
             self.send_header("Content-Length", str(len(body)))
             self.send_header("Cache-Control", "no-store")
             self.send_header("X-Content-Type-Options", "nosniff")
-            self.send_header("Content-Security-Policy", "default-src 'self'; img-src 'self' data:; style-src 'self' 'unsafe-inline'")
+            self.send_header("Referrer-Policy", "no-referrer")
+            self.send_header("Cross-Origin-Resource-Policy", "same-origin")  # another site's page cannot probe runs by their pictures
+            self.send_header("Content-Security-Policy", "default-src 'self'; img-src 'self' data:; style-src 'self' 'unsafe-inline'; frame-ancestors 'none'")
+            if location:
+                self.send_header("Location", location)
             if cookie:
                 secure = "; Secure" if cfg.certfile else ""
                 self.send_header("Set-Cookie", f"{COOKIE}={cfg.token}; HttpOnly; SameSite=Strict; Path=/{secure}")
@@ -187,9 +211,33 @@ def handler(cfg: MonitorConfig) -> type[BaseHTTPRequestHandler]:
 
 
 class MonitorServer(ThreadingHTTPServer):
-    """A threading HTTP server that says a broken connection in one line (plain HTTP to TLS, a scanner), not a traceback."""
+    """A threading HTTP server with a bound on connections at once (one over it is closed at once), that says a broken
+    connection in one line (plain HTTP to TLS, a scanner), not a traceback."""
 
     daemon_threads = True
+
+    def __init__(self, address: tuple[str, int], handler_class: type[BaseHTTPRequestHandler]) -> None:
+        """Listen; at most MAX_CONNECTIONS connections are served at once."""
+        super().__init__(address, handler_class)
+        self.slots = threading.BoundedSemaphore(MAX_CONNECTIONS)
+
+    def process_request(self, request, client_address) -> None:
+        """Serve the connection in a thread of its own, or close it when every slot is taken."""
+        if not self.slots.acquire(blocking=False):
+            self.shutdown_request(request)
+            return
+        try:
+            super().process_request(request, client_address)
+        except Exception:
+            self.slots.release()
+            raise
+
+    def process_request_thread(self, request, client_address) -> None:
+        """The connection's thread gives its slot back when done."""
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self.slots.release()
 
     def handle_error(self, request, client_address) -> None:
         """One line on the console per connection that failed."""
@@ -233,8 +281,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         token = args.token_file.read_text().strip() if args.token_file else ""
-        if args.token_file and len(token) < 16:
-            raise ValueError(f"--token-file {args.token_file}: a token of at least 16 characters is needed")
+        if args.token_file and not TOKEN.fullmatch(token):
+            raise ValueError(f"--token-file {args.token_file}: a token of at least 16 letters, digits or . _ ~ - is needed")
         if not token and not loopback(args.host):
             token = secrets.token_urlsafe(24)
         cfg = MonitorConfig(args.runs, args.host, args.port, token, args.certfile, args.keyfile, StallRule(factor=args.stall_factor))

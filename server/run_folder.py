@@ -79,12 +79,13 @@ def hold(folder: Path) -> Iterator[None]:
 
 
 def read_status(folder: Path) -> dict | None:
-    """The run folder's status, or None where it has none (or an unreadable one: it is rewritten whole, so only a
-    file from elsewhere can be broken)."""
+    """The run folder's status, or None where it has none (or an unreadable one, or JSON that is not an object: it is
+    rewritten whole, so only a file from elsewhere can be broken)."""
     try:
-        return json.loads((Path(folder) / STATUS).read_text())
+        status = json.loads((Path(folder) / STATUS).read_text())
     except (OSError, ValueError):
         return None
+    return status if isinstance(status, dict) else None
 
 
 def write_status(folder: Path, **fields) -> dict:

@@ -4,6 +4,7 @@ driven in Debian's headless Chromium (through chromedriver) over a real run fold
 from __future__ import annotations
 
 import base64
+import http.client
 import json
 import os
 import shutil
@@ -99,7 +100,7 @@ def test_the_runs_read_as_they_stand(runs):
     assert half["history"] == [] and any(m.startswith("history.csv: not written") for m in half["missing"])
     live = detail(root / "live")
     assert [row["round"] for row in live["history"]] == [0, 1] and live["eta_seconds"] > 0
-    assert set(live["pictures"]) == {1} and {h["site"] for h in live["hospitals"]} == {"hospital-0", "hospital-1", "hospital-2"}
+    assert set(live["pictures"]) == {"1"} and {h["site"] for h in live["hospitals"]} == {"hospital-0", "hospital-1", "hospital-2"}
 
 
 def test_a_broken_table_is_said_not_fatal(runs):
@@ -108,6 +109,32 @@ def test_a_broken_table_is_said_not_fatal(runs):
     (root / "finished" / "status.json").write_text("{not json")
     run = detail(root / "finished")
     assert run["state"] == "unknown" and any("sites.csv" in m for m in run["missing"]) and len(run["history"]) == 3
+
+
+def test_a_damaged_run_folder_shows_what_it_can_and_hides_no_other(runs, tmp_path):
+    root, _ = runs
+    outside = tmp_path / "outside.json"
+    outside.write_text(json.dumps({"secret": "not for the page"}))
+    damaged = {
+        "listed": ("status.json", "[1, 2, 3]"),  # JSON, but not an object
+        "wordy": ("history.csv", "round,global_auc,seconds\nzero,0.5,x\n1,0.7,3\n"),  # a round that is not a number
+        "nan": ("config.json", '{"num-server-rounds": NaN, "labels": "lesion"}'),
+    }
+    for name, (file, text) in damaged.items():
+        shutil.copytree(root / "finished", root / name)
+        (root / name / file).write_text(text)
+    shutil.copytree(root / "finished", root / "linked")
+    (root / "linked" / "config.json").unlink()
+    (root / "linked" / "config.json").symlink_to(outside)
+    listed = {run["name"]: run for run in list_runs(root)}
+    assert {"finished", "listed", "wordy", "nan", "linked"} <= set(listed)
+    assert listed["listed"]["state"] == "unknown" and listed["wordy"]["last_round"] == 2
+    wordy = detail(root / "wordy")
+    assert [row["round"] for row in wordy["history"]] == [1] and any("1 row(s) without a round number" in m for m in wordy["missing"])
+    assert detail(root / "nan")["config"]["num-server-rounds"] is None  # NaN in a file becomes null, never invalid JSON
+    linked = detail(root / "linked")
+    assert linked["config"] == {} and "config.json: a link to outside the run folder, not read" in linked["missing"]
+    json.dumps([detail(root / name) for name in listed], allow_nan=False)  # every answer is valid JSON
 
 
 def _get(url: str, **headers) -> tuple[int, bytes]:
@@ -123,7 +150,9 @@ def test_the_monitor_serves_only_run_files_and_only_to_its_own_address(monitor):
     url, root = monitor
     assert _get(f"{url}/api/runs")[0] == 200
     assert _get(f"{url}/files/finished/plots/round_001.png")[0] == 200
+    assert _get(f"{url}/files/finished/plots/round_001.png%00.png")[0] == 400
     for path in ("/files/finished/../live/config.json", "/files/finished/%2e%2e/%2e%2e/etc/passwd", "/files/finished/model_best.keras",
+                 "/files/finished/received.csv", "/files/finished/config.json",
                  "/static/../monitor.py", "/api/runs/..%2f..%2fetc", "/api/runs/notes"):
         assert _get(url + path)[0] == 404, path
     assert _get(f"{url}/api/runs", Host="attacker.example:80")[0] == 403  # DNS rebinding: another name for this address
@@ -149,6 +178,12 @@ def test_beyond_loopback_the_monitor_needs_tls_and_a_token(tmp_path, runs):
         url = f"https://127.0.0.1:{server.server_address[1]}"
         assert _get(f"{url}/api/runs")[0] == 401
         assert _get(f"{url}/api/runs?token=wrong")[0] == 401
+        assert _get(f"{url}/api/runs?token=%C3%A9")[0] == 401  # not ASCII: refused, not a dropped connection
+        connection = http.client.HTTPSConnection("127.0.0.1", server.server_address[1], context=ssl._create_unverified_context(), timeout=10)
+        connection.request("GET", f"/?token={token}")
+        moved = connection.getresponse()  # the token leaves the address bar (and the history) for a cookie
+        assert moved.status == 303 and moved.getheader("Location") == "/" and f"fedimaging_monitor={token}; HttpOnly" in moved.getheader("Set-Cookie")
+        connection.close()
         assert _get(f"{url}/api/runs", Authorization=f"Bearer {token}")[0] == 200
         assert _get(f"{url}/files/finished/plots/round_001.png", Cookie=f"fedimaging_monitor={token}")[0] == 200
         stalled = __import__("socket").create_connection(("127.0.0.1", server.server_address[1]))  # a client that never shakes hands

@@ -20,6 +20,8 @@ function el(tag, attrs = {}, ...children) {
   return node;
 }
 
+// Plotly renders a few HTML tags (links among them) in chart text: names from a run folder go to it escaped.
+const esc = (text) => String(text ?? "").replace(/&/g, "&amp;").replace(/</g, "&lt;").replace(/>/g, "&gt;");
 const fmt = (v, digits = 3) => (v === null || v === undefined || Number.isNaN(v) ? "–" : Number(v).toFixed(digits));
 const clock = (s) => (s === null || s === undefined ? "–" : `${Math.floor(s / 60)}m${String(Math.round(s % 60)).padStart(2, "0")}s`);
 const stateBadge = (state) => el("span", { class: `state state-${state}`, "data-state": state, text: state });
@@ -95,7 +97,7 @@ function drawCharts(run) {
       ...(suffix ? [] : [
         { x, y: column(h, "mean_site_auc"), name: "mean of sites", mode: "lines", line: { color: "#8e9aaf", dash: "dot" } },
         { x, y: column(h, "worst_site_auc"), name: "worst site", mode: "lines+markers", line: { color: "#b42318", dash: "dash" },
-          text: column(h, "worst_site"), hovertemplate: "%{y:.3f} (%{text})" },
+          text: column(h, "worst_site").map(esc), hovertemplate: "%{y:.3f} (%{text})" },
       ]),
     ], title);
     lineChart(`chart-sens${suffix}`, [
@@ -110,11 +112,11 @@ function drawCharts(run) {
     { title: { text: "Time per round (s)", font: { size: 14 } }, margin: { l: 44, r: 12, t: 34, b: 36 }, xaxis: { title: { text: "round" }, dtick: 1 } },
     { displaylogo: false, displayModeBar: false, responsive: true });
   const multiples = document.getElementById("hospital-charts");
-  for (const site of run.hospitals) {
-    const id = `hospital-chart-${site.site.replace(/[^A-Za-z0-9_-]/g, "_")}`;
+  for (const [index, site] of run.hospitals.entries()) {
+    const id = `hospital-chart-${index}`;
     if (!document.getElementById(id)) multiples.append(el("div", { id, class: "chart", "data-site": site.site }));
     Plotly.react(id, [{ x: site.auc.map((a) => a.round), y: site.auc.map((a) => a.auc), mode: "lines+markers", line: { color: "#175cd3" } }], {
-      title: { text: site.site, font: { size: 12 } }, margin: { l: 34, r: 8, t: 26, b: 26 }, yaxis: { range: [0, 1.02] },
+      title: { text: esc(site.site), font: { size: 12 } }, margin: { l: 34, r: 8, t: 26, b: 26 }, yaxis: { range: [0, 1.02] },
       xaxis: { range: [0.5, Math.max(run.last_round, 1) + 0.5], dtick: 1 }, showlegend: false,
     }, { displaylogo: false, responsive: true, staticPlot: true });
   }
@@ -225,7 +227,11 @@ function render(run) {
 
 function route() {
   const found = location.hash.match(/^#\/run\/(.+)$/);
-  return found ? { run: decodeURIComponent(found[1]) } : { run: null };
+  try {
+    return found ? { run: decodeURIComponent(found[1]) } : { run: null };
+  } catch (error) {  // a malformed address: the runs table
+    return { run: null };
+  }
 }
 
 async function refresh() {
