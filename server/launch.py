@@ -32,6 +32,12 @@ QUIET_LOGS = {  # defaults only: a variable already set in the environment wins
 }
 
 
+def quiet_here() -> None:
+    """This launcher's own TensorFlow (the data check imports it) as quiet as the run's processes: call before it is imported."""
+    for name, value in QUIET_LOGS.items():
+        os.environ.setdefault(name, value)
+
+
 class RunFailed(RuntimeError):
     """The run did not complete; the message says why."""
 

@@ -40,7 +40,7 @@ from common.deployment import CREATE_USER, DEFAULT_USER, INSECURE_WARNING, Super
 from common.errors import ConfigError, DataError
 from common.site_file import load_site_config
 from common.tls import DeploymentError
-from server.launch import BIN, PROJECT, RunFailed, free_port, interruption, outcome, started_run, stream_run, write_run_config
+from server.launch import BIN, PROJECT, RunFailed, free_port, interruption, outcome, quiet_here, started_run, stream_run, write_run_config
 from server.run_folder import FAILED, INTERRUPTED, RUNNING, mark_ended
 from server.stack import CONNECTION, ServerStack, start_stack, stop_stack
 
@@ -263,6 +263,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     signal.signal(signal.SIGINT, signal.default_int_handler)  # Ctrl-C stops the run even where it started with SIGINT ignored
+    quiet_here()
     workdir = (args.workdir or Path(tempfile.mkdtemp(prefix="fedimaging-rehearsal-"))).resolve()
     if args.insecure:
         print(INSECURE_WARNING, file=sys.stderr)

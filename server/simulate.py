@@ -29,7 +29,7 @@ from common.deployment import write_secret
 from common.partition import assign_hospitals, pool_labels
 from common.site_file import load_site_config, site_label_sources
 from common.site_index import index_site
-from server.launch import BIN, PROJECT, RunFailed, flower_env, interruption, outcome, start_superlink, stop, stream_run, write_run_config
+from server.launch import BIN, PROJECT, RunFailed, flower_env, interruption, outcome, quiet_here, start_superlink, stop, stream_run, write_run_config
 from server.checkpoint import CheckpointError, identity, load_checkpoint, require_model
 from server.run_folder import FAILED, INTERRUPTED, RUNNING, hold, mark_ended, resumed_config, run_folder
 
@@ -142,6 +142,7 @@ def main(argv: list[str] | None = None) -> int:
     # A SIGTERM (a scheduler, `kill`) unwinds like Ctrl-C, so the SuperLink and everything it started are stopped too.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     signal.signal(signal.SIGINT, signal.default_int_handler)  # Ctrl-C stops the run even where it started with SIGINT ignored
+    quiet_here()
     started = time.time()
     cfg = None
     try:
