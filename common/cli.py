@@ -13,6 +13,7 @@ from pathlib import Path
 
 PROJECT = Path(__file__).resolve().parent.parent
 PROG = "FEDIMAGING_PROG"  # the name a subcommand's --help and errors use for itself
+STARTED_AS = os.environ.pop(PROG, None)  # read once, and not handed down to the processes a command starts
 
 # (subcommand, how it runs: a module or a script of this project, who uses it: what it does)
 COMMANDS = (
@@ -29,7 +30,7 @@ COMMANDS = (
 
 def program(default: str) -> str:
     """The name a command calls itself in --help and errors: 'fedimaging <sub>' when started as one, else default."""
-    return os.environ.get(PROG, default)
+    return STARTED_AS or default
 
 
 def usage() -> str:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -34,3 +35,9 @@ def test_an_unknown_command_or_none_is_an_error_that_names_the_commands():
 def test_a_subcommand_keeps_its_exit_code_and_messages():
     done = subprocess.run([FEDIMAGING, "simulate", "-c", "num-server-rounds=-1"], capture_output=True, text=True, timeout=120)
     assert done.returncode == 2 and "'num-server-rounds' = -1 is out of range" in done.stderr
+
+
+def test_the_name_a_command_was_started_under_is_not_handed_down_to_the_processes_it_starts():
+    code = "import os; from common.cli import program; print(program('python -m x'), os.environ.get('FEDIMAGING_PROG'))"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, env={**os.environ, "FEDIMAGING_PROG": "fedimaging simulate"})
+    assert done.stdout.split() == ["fedimaging", "simulate", "None"], done.stderr
