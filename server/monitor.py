@@ -276,9 +276,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--token-file", type=Path, help="a file holding the token every request must carry (default beyond loopback: a new random one)")
     parser.add_argument("--stall-factor", type=float, default=StallRule.factor, help="a running run is stalled after this many times its longest round without a new one (default 5)")
     args = parser.parse_args(argv)
-    if not args.runs.is_dir():
+    if args.runs.exists() and not args.runs.is_dir():
         print(f"fedimaging monitor: error: {args.runs} is not a folder (run folders are written under output-dir, by default runs/)", file=sys.stderr)
         return 2
+    if not args.runs.exists():  # started before the first run: its runs appear once it makes the folder
+        print(f"fedimaging monitor: {args.runs} does not exist yet; its runs will appear as they start", flush=True)
     try:
         token = args.token_file.read_text().strip() if args.token_file else ""
         if args.token_file and not TOKEN.fullmatch(token):

@@ -168,6 +168,9 @@ def test_beyond_loopback_the_monitor_needs_tls_and_a_token(tmp_path, runs):
         check_exposure(MonitorConfig(root, host="0.0.0.0"))
     done = subprocess.run([sys.executable, "-m", "server.monitor", str(root), "--host", "0.0.0.0", "--port", "0"], capture_output=True, text=True, timeout=60)
     assert done.returncode == 2 and "reaches beyond this machine" in done.stderr
+    (tmp_path / "a-file").write_text("")
+    done = subprocess.run([sys.executable, "-m", "server.monitor", str(tmp_path / "a-file")], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2 and "is not a folder" in done.stderr
     certs = tmp_path / "certs"
     for step in (["ca"], ["superlink", "--hosts", "127.0.0.1"]):
         subprocess.run([sys.executable, str(PROJECT / "deploy" / "certificates.py"), step[0], "--out", str(certs), *step[1:]], check=True, capture_output=True)
