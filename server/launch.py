@@ -128,11 +128,12 @@ def stop(process: subprocess.Popen, flwr_home: Path) -> None:
         process.wait(1)
 
 
-def stream_run(command: list[str], env: dict[str, str], log: Path, verbose: bool = False, timeout: float | None = None) -> str:
+def stream_run(command: list[str], env: dict[str, str], log: Path, verbose: bool = False, timeout: float | None = None) -> str | None:
     """Run `flwr run --stream`, writing every line it prints to log and passing to the console only the run's own
-    lines ('[fedimaging] ...'; every line when verbose); returns the whole output. It runs in a session of its own, so
-    a terminal's Ctrl-C reaches only this process, which then stops it; RunFailed where it outlives timeout seconds."""
-    lines = []
+    lines ('[fedimaging] ...'; every line when verbose); returns the run id it printed (None if none). It runs in a
+    session of its own, so a terminal's Ctrl-C reaches only this process, which then stops it; RunFailed where it
+    outlives timeout seconds. Nothing of the output is kept in memory: a run of days prints a lot."""
+    run_id = None
     with open(log, "w") as out:
         process = subprocess.Popen(
             command, env=env, cwd=PROJECT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, errors="replace", start_new_session=True
@@ -145,7 +146,7 @@ def stream_run(command: list[str], env: dict[str, str], log: Path, verbose: bool
             for line in process.stdout:
                 out.write(line)
                 out.flush()
-                lines.append(line)
+                run_id = run_id or started_run(line)
                 ours = line.find(PREFIX)  # Ray puts a worker's pid before its lines
                 if verbose or ours >= 0:
                     print(line if verbose else line[ours:], end="", flush=True)
@@ -164,12 +165,12 @@ def stream_run(command: list[str], env: dict[str, str], log: Path, verbose: bool
                     process.wait()
     if expired.is_set():
         raise RunFailed(f"the run did not end within {timeout:.0f} s and was stopped; its log is in {log}")
-    return "".join(lines)
+    return run_id
 
 
-def started_run(output: str) -> str | None:
-    """The run id `flwr run` printed ('Successfully started run <id>'), or None."""
-    found = re.search(r"started run (\d+)", output)
+def started_run(line: str) -> str | None:
+    """The run id in a line `flwr run` printed ('Successfully started run <id>'), or None."""
+    found = re.search(r"started run (\d+)", line)
     return found.group(1) if found else None
 
 

@@ -19,8 +19,8 @@ import argparse
 import hmac
 import ipaddress
 import json
-import re
 import mimetypes
+import re
 import secrets
 import signal
 import ssl
@@ -33,7 +33,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 from common.cli import program
-from server.run_reader import StallRule, detail, is_run, list_runs, stamp, summary
+from server.run_reader import StallRule, detail, is_run, list_runs, run_state, stamp
 
 PAGE = Path(__file__).resolve().parent / "monitor_page"
 COOKIE = "fedimaging_monitor"
@@ -138,7 +138,7 @@ def handler(cfg: MonitorConfig) -> type[BaseHTTPRequestHandler]:
                 if len(parts) == 3:
                     return self._json(detail(folder, rule=cfg.stall))
                 if parts[3:] == ["stamp"]:
-                    return self._json({"stamp": stamp(folder), "state": summary(folder, rule=cfg.stall)["state"]})
+                    return self._json({"stamp": stamp(folder), "state": run_state(folder, rule=cfg.stall)})
             if len(parts) >= 3 and parts[0] == "files":
                 folder, name = self._run(parts[1]), "/".join(parts[2:])
                 target = (folder / name).resolve() if folder is not None and FILES.fullmatch(name) else None

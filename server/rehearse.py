@@ -40,7 +40,7 @@ from common.deployment import CREATE_USER, DEFAULT_USER, INSECURE_WARNING, Super
 from common.errors import ConfigError, DataError
 from common.site_file import load_site_config
 from common.tls import DeploymentError
-from server.launch import BIN, PROJECT, RunFailed, free_port, interruption, outcome, quiet_here, started_run, stream_run, write_run_config
+from server.launch import BIN, PROJECT, RunFailed, free_port, interruption, outcome, quiet_here, stream_run, write_run_config
 from server.run_folder import FAILED, INTERRUPTED, RUNNING, mark_ended
 from server.stack import CONNECTION, ServerStack, start_stack, stop_stack
 
@@ -195,12 +195,12 @@ def run(federation: Federation, cfg: RunConfig, timeout: float = 1800, verbose: 
     log = federation.workdir / "logs" / f"flwr-run-{cfg.run_name}.log"
     folder = Path(cfg.output_dir) / cfg.run_name
     try:
-        output = stream_run(command, federation.env, log, verbose, timeout)
+        run_id = stream_run(command, federation.env, log, verbose, timeout)
     except (KeyboardInterrupt, SystemExit) as exc:
         mark_ended(folder, INTERRUPTED, f"interrupted by {interruption(exc)[0]}", replacing=(RUNNING, FAILED))
         raise
     try:
-        outcome(CONNECTION, federation.env, folder, started_run(output))
+        outcome(CONNECTION, federation.env, folder, run_id)
     except RunFailed as exc:
         raise RunFailed(f"{exc}; logs in {federation.workdir / 'logs'}") from None
     return folder

@@ -140,6 +140,15 @@ def state(status: dict, history: pd.DataFrame, now: float, rule: StallRule) -> t
     return RUNNING, ""
 
 
+def run_state(folder: Path, now: float | None = None, rule: StallRule = StallRule()) -> str:
+    """The run's state as summary gives it, at the cost of status.json alone (and history.csv while it runs): what the
+    page polls every few seconds."""
+    missing: list[str] = []
+    status = read_json(folder, STATUS, missing)
+    history = read_table(folder, "history.csv", missing) if status.get("status") == RUNNING else pd.DataFrame()
+    return state(status, history, time.time() if now is None else now, rule)[0]
+
+
 def _timestamp(text: Any) -> float | None:
     """Seconds since the epoch of an ISO time in status.json, or None."""
     try:

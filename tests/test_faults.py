@@ -151,12 +151,14 @@ def test_a_slow_hospital_is_left_behind_at_the_quorum_and_its_late_reply_is_reco
     app = make_attack_app(tmp_path / "app")
     settings = {
         "num-server-rounds": 6, "num-hospitals": 3, "images-per-hospital": 60, "heldout-images": 30, "image-size": 32, "min-bin-images": 2,
-        "gradcam-images": 0, "round-quorum": 0.6, "quorum-grace": 0.5, "output-dir": str(tmp_path), "run-name": "slow",
+        "gradcam-images": 0, "round-quorum": 0.6, "quorum-grace": 2.0, "output-dir": str(tmp_path), "run-name": "slow",
     }  # fmt: skip
+    # 2 s of grace: on 2 cores the third hospital often starts only when one of the first two is done, and under CI's
+    # load an honest hospital-2 then needed more than 0.5 s after the second reply (it was left behind in round 2 too)
     folder = simulate.simulate(simulate.prepare(settings), app, {"attack-hospital": 2, "attack-plan": "slow"})
     history = pd.read_csv(folder / "history.csv", keep_default_na=False)
     assert history["round"].tolist() == list(range(7)) and history["n_sites"].tolist()[1] == 2
-    assert "hospital-2 (train): no reply within quorum-grace (0.5 s) after 2 of 3 hospitals replied" in history["failures"][1]
+    assert "hospital-2 (train): no reply within quorum-grace (2 s) after 2 of 3 hospitals replied" in history["failures"][1]
     late = "; ".join(history["late_replies"])
     assert "hospital-2 (train, round 1): replied within" in late and "after the server went on, not used" in late, late
     received = pd.read_csv(folder / "received.csv")

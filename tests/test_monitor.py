@@ -22,7 +22,7 @@ import pytest
 
 from common.atomic import write_csv, write_text
 from server.monitor import MonitorConfig, check_exposure, make_server
-from server.run_reader import StallRule, detail, list_runs, summary
+from server.run_reader import StallRule, detail, list_runs, run_state, summary
 
 PROJECT = Path(__file__).resolve().parent.parent
 
@@ -96,6 +96,8 @@ def test_the_runs_read_as_they_stand(runs):
     assert listed["half"]["state"] == "running"
     later = time.time() + StallRule().first + 1  # a run that never wrote a round is stalled after `first` seconds
     assert summary(root / "half", now=later)["state"] == "stalled"
+    for name, moment in [(name, None) for name in listed] + [("half", later)]:  # the page's cheap poll agrees with the table
+        assert run_state(root / name, now=moment) == summary(root / name, now=moment)["state"], name
     half = detail(root / "half")
     assert half["history"] == [] and any(m.startswith("history.csv: not written") for m in half["missing"])
     live = detail(root / "live")
