@@ -14,7 +14,7 @@ from typing import Any, Callable
 from common.errors import ConfigError
 from common.site_file import FITS
 
-MODELS = ("lightcnn", "seedcnn")
+MODELS = ("lightcnn", "seedcnn", "densenet121", "resnet50", "efficientnetb0")  # common/model.py ARCHITECTURES, without importing Keras
 PARTITIONS = ("iid", "dirichlet")
 LOSSES = ("bce", "focal")
 WEIGHTINGS = ("none", "balanced")
@@ -68,8 +68,9 @@ class RunConfig:
     node_wait: float = _setting(300.0, lambda v: v >= 0, "a number of seconds >= 0", "how long a phase waits for hospitals that are not connected (the roster's, else those seen earlier in the run, and at least min-hospitals) before going on with those present; the run fails when fewer than min-hospitals are")
     reply_poll_seconds: float = _setting(0.1, lambda v: 0 < v <= 10, "a number of seconds in (0, 10]", "how often the server asks the SuperLink for the hospitals' replies (Flower's own default: 3 s when deployed)")
     early_stop_rounds: int = _setting(0, lambda v: v >= 0, "an integer >= 0 (0: off)", "stop after this many rounds without a better model by the selection criterion (pooled validation AUC, else pooled validation log loss)")
-    model: str = _setting("lightcnn", lambda v: v in MODELS, f"one of {', '.join(MODELS)}", "the CNN (common/model.py)")
+    model: str = _setting("lightcnn", lambda v: v in MODELS, f"one of {', '.join(MODELS)}", "the CNN (common/model.py): the light CNNs, or an ImageNet backbone from keras.applications (images of at least 32x32; grey is repeated into three channels)")
     initial_weights: str = _setting("", None, "a path to a .keras or .weights.h5 file, or empty", "initial global weights")
+    backbone_weights: str = _setting("", None, "a path to keras.applications' *_notop.h5 file of the model, or empty", "a backbone's ImageNet weights, read by the server from a local file (nothing is downloaded); the hospitals receive them as the initial global model")
     labels: tuple[str, ...] = _setting(("lesion",), lambda v: len(v) >= 1 and len(set(v)) == len(v) and all(v), "comma-separated distinct names", "the findings, one logit each")
     image_size: int = _setting(64, lambda v: 16 <= v <= 1024, "an integer in [16, 1024]", "model input height and width")
     channels: int = _setting(1, lambda v: v in (1, 3), "1 (grey) or 3 (RGB)", "model input channels; every site's images are converted to them")
@@ -204,6 +205,7 @@ def _resolve_paths(cfg: RunConfig, base_dir: Path) -> RunConfig:
     sites = tuple(absolute(site) for site in cfg.sites)
     cfg = dataclasses.replace(
         cfg, data=data, sites=sites, heldout_site=absolute(cfg.heldout_site), initial_weights=absolute(cfg.initial_weights),
+        backbone_weights=absolute(cfg.backbone_weights),
         output_dir=absolute(cfg.output_dir), num_hospitals=len(sites) or cfg.num_hospitals, roster=absolute(cfg.roster),
         resume=absolute(cfg.resume), mlflow_tracking_uri=tracking(cfg.mlflow_tracking_uri),
     )  # fmt: skip
@@ -222,6 +224,17 @@ def _resolve_paths(cfg: RunConfig, base_dir: Path) -> RunConfig:
             raise ConfigError(f"run setting 'initial-weights' = {cfg.initial_weights!r}: expected a .keras or .weights.h5 file")
         if not Path(cfg.initial_weights).is_file():
             raise ConfigError(f"run setting 'initial-weights': file not found: {cfg.initial_weights}")
+    if cfg.backbone_weights:
+        if cfg.model in MODELS[:2]:
+            raise ConfigError(f"run setting 'backbone-weights' is for an ImageNet backbone ({', '.join(MODELS[2:])}), not model {cfg.model!r}")
+        if not cfg.backbone_weights.endswith((".h5", ".hdf5")):
+            raise ConfigError(f"run setting 'backbone-weights' = {cfg.backbone_weights!r}: expected keras.applications' *_notop.h5 file")
+        if not Path(cfg.backbone_weights).is_file():
+            raise ConfigError(f"run setting 'backbone-weights': file not found: {cfg.backbone_weights}")
+        if cfg.initial_weights:
+            raise ConfigError("run settings 'backbone-weights' and 'initial-weights' both set: expected one source of initial weights")
+    if cfg.model in MODELS[2:] and cfg.image_size < 32:
+        raise ConfigError(f"run setting 'image-size' = {cfg.image_size}: model {cfg.model!r} needs at least 32")
     if "/" in cfg.run_name or cfg.run_name in (".", ".."):
         raise ConfigError(f"run setting 'run-name' = {cfg.run_name!r}: expected a plain folder name")
     if cfg.min_hospitals > cfg.num_hospitals:

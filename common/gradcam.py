@@ -6,6 +6,7 @@ Computation only; drawing overlays is server/plots.py's concern.
 from __future__ import annotations
 
 import math
+import re
 
 import keras
 import numpy as np
@@ -113,21 +114,35 @@ def rank_correlation(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.mean(values)) if values else float("nan")
 
 
+BLOCK = re.compile(r"^(conv\d+_block\d+|block\d+[a-z]|pool\d+|conv\d+|stem|top)_")  # keras.applications' block names
+
+
+def block_of(layer_name: str) -> str:
+    """The block a layer belongs to: keras.applications' block (conv4_block7, block6a, pool3, stem, top), else the
+    layer with its batch normalisation and activation (conv1, conv1_bn, conv1_relu: conv1)."""
+    found = BLOCK.match(layer_name)
+    return found.group(1) if found else re.sub(r"_(bn|relu)$", "", layer_name)
+
+
 def randomisation_test(model: keras.Model, images: np.ndarray, label: int, seed: int = 0) -> list[tuple[str, float]]:
-    """Cascading randomisation (Adebayo et al., 2018): re-initialise the layers from the top down, one more at each stage,
-    and give the rank correlation of each stage's heatmaps with the trained model's. The model itself is left unchanged."""
+    """Cascading randomisation (Adebayo et al., 2018): re-initialise the model block by block from the top down, one
+    more block at each stage, and give the rank correlation of each stage's heatmaps with the trained model's. A
+    backbone's blocks are stages of their own (its layers sit in the model, not nested in one). Input normalisation
+    layers hold no learned weights and are left as they are. The model itself is left unchanged."""
     trained = gradcam(model, images, label)
     clone = keras.models.clone_model(model)
     clone.set_weights(model.get_weights())
     rng = np.random.default_rng(seed)
-    stages = []
+    blocks: dict[str, list[keras.Layer]] = {}
     for layer in reversed(clone.layers):
-        if not layer.weights:
-            continue
-        for weight in layer.weights:
+        if layer.trainable_weights:
+            blocks.setdefault(block_of(layer.name), []).append(layer)
+    stages = []
+    for name, layers in blocks.items():
+        for weight in (w for layer in layers for w in layer.weights):
             w = weight.numpy()
             fan = max(1, int(np.prod(w.shape[:-1]))) if w.ndim > 1 else 1
             fresh = rng.normal(0.0, math.sqrt(2.0 / fan), w.shape) if w.ndim > 1 else rng.normal(0.0, 0.1, w.shape)
             weight.assign(fresh.astype(w.dtype) if "variance" not in weight.path else np.abs(fresh).astype(w.dtype) + 1.0)
-        stages.append((layer.name, rank_correlation(trained, gradcam(clone, images, label))))
+        stages.append((name, rank_correlation(trained, gradcam(clone, images, label))))
     return stages

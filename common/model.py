@@ -1,8 +1,10 @@
-"""The shared CNN: functional Keras, channels-last, one logit per label, the last convolution named for Grad-CAM."""
+"""The shared CNN: functional Keras, channels-last, one logit per label, the last convolution named for Grad-CAM;
+the light CNNs here, the ImageNet backbones in common/backbones.py."""
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import random
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -13,6 +15,7 @@ import numpy as np
 import tensorflow as tf
 from keras.src.random import seed_generator  # where Keras keeps the generator its default seeds come from
 
+from common.backbones import BACKBONES, backbone_features
 from common.config import RunConfig
 
 LAST_CONV = "last_conv"
@@ -57,7 +60,18 @@ def seedcnn(input_shape: tuple[int, int, int], n_labels: int) -> keras.Model:
     return keras.Model(inputs, logits, name="seedcnn")
 
 
-ARCHITECTURES = {"lightcnn": lightcnn, "seedcnn": seedcnn}
+def pretrained(name: str, input_shape: tuple[int, int, int], n_labels: int, weights: str = "") -> keras.Model:
+    """A keras.applications backbone (common/backbones.py) with global average pooling and one logit per label, as in
+    CheXNet; its last feature map named for Grad-CAM; ImageNet weights from a local file where given."""
+    inputs = keras.Input(input_shape, name="image")  # (b, s, s, c)
+    features = backbone_features(name, inputs, weights)  # (b, s/32, s/32, k)
+    x = keras.layers.Identity(name=LAST_CONV)(features)  # (b, s/32, s/32, k): the backbone's last activation, by our name
+    x = keras.layers.GlobalAveragePooling2D(name="gap")(x)  # (b, k)
+    logits = keras.layers.Dense(n_labels, dtype="float32", name=LOGITS)(x)  # (b, n_labels)
+    return keras.Model(inputs, logits, name=name)
+
+
+ARCHITECTURES = {"lightcnn": lightcnn, "seedcnn": seedcnn, **{name: functools.partial(pretrained, name) for name in BACKBONES}}
 
 
 @keras.saving.register_keras_serializable("fedimaging")
@@ -159,19 +173,22 @@ def _own_python_random(seed: int) -> Iterator[None]:
 
 def build_model(
     name: str, input_shape: tuple[int, int, int], n_labels: int, learning_rate: float, focal_gamma: float = 0.0, proximal_mu: float = 0.0,
-    seed: int | None = None,
+    seed: int | None = None, backbone_weights: str = "",
 ) -> keras.Model:  # fmt: skip
     """Build and compile a named architecture: (weighted, optionally focal) binary cross-entropy on logits, one per
     label (multi-label ready), Adam; with FedProx's proximal term when proximal_mu > 0. With a seed, the same initial
-    weights every time, whatever other threads do."""
+    weights every time, whatever other threads do; a backbone's ImageNet weights from backbone_weights (a local file)."""
     if name not in ARCHITECTURES:
         raise ValueError(f"unknown model {name!r}: expected one of {', '.join(ARCHITECTURES)}")
+    if backbone_weights and name not in BACKBONES:
+        raise ValueError(f"backbone weights are for {', '.join(BACKBONES)}, not model {name!r}")
+    build = functools.partial(ARCHITECTURES[name], weights=backbone_weights) if backbone_weights else ARCHITECTURES[name]
     if seed is None:
-        model = ARCHITECTURES[name](input_shape, n_labels)
+        model = build(input_shape, n_labels)
     else:
         keras.utils.set_random_seed(seed)
         with _own_python_random(seed):
-            model = ARCHITECTURES[name](input_shape, n_labels)
+            model = build(input_shape, n_labels)
     if proximal_mu > 0:
         model = ProximalModel(model.inputs, model.outputs, proximal_mu, name=model.name)
     model.compile(optimizer=keras.optimizers.Adam(learning_rate), loss=WeightedFocalLoss(n_labels, focal_gamma))
@@ -201,6 +218,12 @@ def reset_optimizer(model: keras.Model) -> None:
     for variable in optimizer.variables:
         variable.assign(np.zeros(variable.shape, variable.dtype))
     optimizer.learning_rate = learning_rate
+
+
+def weights_of(model: keras.Model) -> list[np.ndarray]:
+    """The model's weights, each as an array: Keras gives a 0-d weight (EfficientNet's Normalization count) as a NumPy
+    scalar, which Flower's ArrayRecord refuses."""
+    return [np.asarray(w) for w in model.get_weights()]
 
 
 def load_initial_weights(model: keras.Model, path: str) -> None:

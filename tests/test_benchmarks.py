@@ -41,8 +41,9 @@ def _tiny_npz(path: Path) -> Path:
 
 def test_the_quality_benchmark_compares_pooled_local_and_federated_training(tmp_path):
     data = _tiny_npz(tmp_path / "tiny.npz")
-    out = _run("quality.py", "--data", str(data), "--seeds", "1", "--rounds", "2", "--local-epochs", "1",
-               "--only", "pooled", "--only", "local-only", "--only", "fedavg-iid", "--results", str(tmp_path / "results"), "--runs", str(tmp_path / "runs"))  # fmt: skip
+    args = ["--data", str(data), "--seeds", "0", "--rounds", "2", "--local-epochs", "1", "--only", "pooled", "--only", "local-only",
+            "--only", "fedavg-iid", "--results", str(tmp_path / "results"), "--runs", str(tmp_path / "runs")]  # fmt: skip
+    out = _run("quality.py", *args)
     runs = pd.read_csv(tmp_path / "results" / "quality.csv")
     assert set(zip(runs["method"], runs["split"])) == {("pooled", "iid"), ("local-only", "iid"), ("fedavg-iid", "iid")}  # the baselines on the federation's split
     assert runs["test_auc"].between(0.5, 1.0).all() and runs["selected_test_auc"].between(0.5, 1.0).all()
@@ -52,6 +53,12 @@ def test_the_quality_benchmark_compares_pooled_local_and_federated_training(tmp_
     rounds = pd.read_csv(tmp_path / "results" / "quality-rounds.csv")
     assert sorted(rounds[rounds["method"] == "fedavg-iid"]["round"]) == [1, 2]
     assert (tmp_path / "results" / "quality.png").stat().st_size > 10_000 and "fedavg-iid" in out
+    assert (tmp_path / "results" / "quality-worst-seed.png").stat().st_size > 10_000
+    assert runs["command"].str.startswith("benchmarks/quality.py --data").all() and (runs["rounds"] == 2).all()
+    again = _run("quality.py", *args)  # resumable: the rows written are kept, not run again
+    assert again.count("kept from quality.csv") == 3 and pd.read_csv(tmp_path / "results" / "quality.csv").equals(runs)
+    summary = pd.read_csv(tmp_path / "results" / "quality-summary.csv")
+    assert (summary["worst_seed"] == 0).all() and summary["worst_seed_test_auc"].equals(summary["test_auc"])  # one seed: its own worst
 
 
 def test_the_overhead_benchmark_times_simulation_against_a_plain_loop(tmp_path):
