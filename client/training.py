@@ -28,7 +28,7 @@ from common.atomic import write_csv  # noqa: E402
 from common.bin_floor import floor_intervals  # noqa: E402
 from common.config import RunConfig, parse_run_config  # noqa: E402
 from common.metrics import figures, statistics, threshold_edge  # noqa: E402
-from common.model import reset_optimizer, run_model, set_anchor, weigh_classes, weights_of  # noqa: E402
+from common.model import reset_optimizer, run_model, set_anchor, weigh_classes  # noqa: E402
 from common.pipeline import batches, dataset, decoded  # noqa: E402
 from common.privacy import add_gaussian_noise, clip_update, local_stddev  # noqa: E402
 from common.runtime import configure_tensorflow  # noqa: E402
@@ -138,7 +138,7 @@ def train(run_config: dict, node_config: dict, weights: list[np.ndarray], server
     history = model.fit(images, epochs=cfg.local_epochs, shuffle=False, verbose=0)  # the pipeline shuffles
     data = site.data
     loss = float(history.history["loss"][-1]) if cfg.dp == "off" else 0.0  # under DP nothing un-noised about the training leaves
-    return Trained(data.name, private(cfg, weights_of(model), weights), len(labels), loss, data.count(UNREADABLE), data.count(NOT_AN_IMAGE))
+    return Trained(data.name, private(cfg, model.get_weights(), weights), len(labels), loss, data.count(UNREADABLE), data.count(NOT_AN_IMAGE))
 
 
 def private(cfg: RunConfig, trained: list[np.ndarray], received: list[np.ndarray]) -> list[np.ndarray]:

@@ -17,7 +17,7 @@ from common.site_file import FITS
 MODELS = ("lightcnn", "seedcnn", "densenet121", "resnet50", "efficientnetb0")  # common/model.py ARCHITECTURES, without importing Keras
 PARTITIONS = ("iid", "dirichlet")
 LOSSES = ("bce", "focal")
-WEIGHTINGS = ("none", "balanced")
+WEIGHTINGS = ("none", "balanced", "logit-adjusted")
 AGGREGATIONS = ("fedavg", "fedadam", "clipped-mean", "median", "trimmed-mean", "multikrum")
 OVERLAPS = ("count", "exclude")
 PRIVACY = ("off", "central", "local")
@@ -77,7 +77,7 @@ class RunConfig:
     image_fit: str = _setting("pad", lambda v: v in FITS, f"one of {', '.join(FITS)}", "how an image that is not square becomes the square input: pad with black, crop its centre, or stretch (a site file may choose its own)")
     loss: str = _setting("bce", lambda v: v in LOSSES, f"one of {', '.join(LOSSES)}", "binary cross-entropy, or focal loss (down-weights easy images)")
     focal_gamma: float = _setting(2.0, lambda v: v >= 0, "a number >= 0", "focal loss: how strongly easy images are down-weighted")
-    class_weighting: str = _setting("balanced", lambda v: v in WEIGHTINGS, f"one of {', '.join(WEIGHTINGS)}", "balanced: each site weighs positives and negatives of a label by its own counts")
+    class_weighting: str = _setting("balanced", lambda v: v in WEIGHTINGS, f"one of {', '.join(WEIGHTINGS)}", "balanced: each site weighs positives and negatives of a label by its own counts; logit-adjusted: each site shifts its logits by its own log prior odds while it trains (Menon et al. 2021), so a site holding one class barely moves the model")
     data: str = _setting("synthetic", None, "'synthetic' or a path to an .npz file", "the images the simulated hospitals share out")
     sites: tuple[str, ...] = _setting((), None, "comma-separated site YAML files, or empty", "simulate these sites (one hospital per file) instead of sharing out `data`")
     heldout_site: str = _setting("", None, "a site YAML file, or empty", "the server's held-out set: every image of this site (default: built-in or the .npz test split)")

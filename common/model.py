@@ -78,10 +78,11 @@ ARCHITECTURES = {"lightcnn": lightcnn, "seedcnn": seedcnn, **{name: functools.pa
 class WeightedFocalLoss(keras.losses.Loss):
     """Binary cross-entropy on logits per label, positives and negatives of each label weighted, optionally focal.
 
-    loss = mean over labels of w_y * (1 - p_t) ** gamma * BCE, where p_t is the probability given to the true class
-    (Lin et al. 2017); gamma 0 is plain weighted BCE. The weights are variables, set per site before it trains
-    (set_class_weights), so one compiled model serves every site of a worker; they are not model weights and never
-    leave the site.
+    loss = mean over labels of w_y * (1 - p_t) ** gamma * BCE(y, z + b), where p_t is the probability given to the true
+    class (Lin et al. 2017) and b a per-label offset added to the logits z (0 unless the site's loss is logit-adjusted);
+    gamma 0 is plain weighted BCE. The weights and offsets are variables, set per site before it trains
+    (set_class_weights, set_logit_offset), so one compiled model serves every site of a worker; they are not model
+    weights and never leave the site.
     """
 
     def __init__(self, n_labels: int, gamma: float = 0.0, name: str = "weighted_focal", **kwargs):
@@ -89,10 +90,12 @@ class WeightedFocalLoss(keras.losses.Loss):
         self.n_labels, self.gamma = n_labels, float(gamma)
         self.positive_weight = keras.Variable(np.ones(n_labels, np.float32), trainable=False, name="positive_weight")
         self.negative_weight = keras.Variable(np.ones(n_labels, np.float32), trainable=False, name="negative_weight")
+        self.logit_offset = keras.Variable(np.zeros(n_labels, np.float32), trainable=False, name="logit_offset")
 
     def call(self, y_true, y_pred):
         """Per-image loss (b,) from labels (b, n_labels) and logits (b, n_labels)."""
         y_true = keras.ops.cast(y_true, y_pred.dtype)
+        y_pred = y_pred + keras.ops.cast(self.logit_offset, y_pred.dtype)  # (b, n_labels)
         bce = keras.ops.binary_crossentropy(y_true, y_pred, from_logits=True)  # (b, n_labels)
         weight = y_true * self.positive_weight + (1.0 - y_true) * self.negative_weight  # (b, n_labels)
         if self.gamma:
@@ -115,6 +118,18 @@ def class_weights(labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         pos = np.where(positives > 0, n / (2 * positives), 1.0)
         neg = np.where(negatives > 0, n / (2 * negatives), 1.0)
     return pos.astype(np.float32), neg.astype(np.float32)
+
+
+def log_prior_odds(labels: np.ndarray) -> np.ndarray:
+    """A site's own log prior odds per label (n_labels,) from its labels (n, n_labels), add-one smoothed:
+    log((positives + 1) / (negatives + 1))."""
+    positives = labels.sum(axis=0).astype(np.float64)
+    return np.log((positives + 1) / (len(labels) - positives + 1)).astype(np.float32)
+
+
+def set_logit_offset(model: keras.Model, offset: np.ndarray) -> None:
+    """Set the compiled loss's per-label logit offset for the site about to train."""
+    model.loss.logit_offset.assign(offset.astype(np.float32))
 
 
 def set_class_weights(model: keras.Model, positive: np.ndarray, negative: np.ndarray) -> None:
@@ -202,11 +217,13 @@ def run_model(cfg: RunConfig) -> keras.Model:
 
 
 def weigh_classes(model: keras.Model, labels: np.ndarray, weighting: str) -> None:
-    """Set the loss's class weights for the site about to train: balanced from its own labels (n, n_labels), or ones."""
-    if weighting == "balanced":
-        set_class_weights(model, *class_weights(labels))
-    else:
-        set_class_weights(model, np.ones(labels.shape[1]), np.ones(labels.shape[1]))
+    """Set the loss for the site about to train from its own labels (n, n_labels): balanced class weights; or
+    logit-adjusted (Menon et al. 2021): the logits shifted by the site's log prior odds while it trains, so that a site
+    holding mostly one class learns what separates the classes rather than its own prior (with one class only, its
+    loss barely moves the model); or neither."""
+    ones = np.ones(labels.shape[1])
+    set_class_weights(model, *(class_weights(labels) if weighting == "balanced" else (ones, ones)))
+    set_logit_offset(model, log_prior_odds(labels) if weighting == "logit-adjusted" else np.zeros(labels.shape[1]))
 
 
 def reset_optimizer(model: keras.Model) -> None:
@@ -218,12 +235,6 @@ def reset_optimizer(model: keras.Model) -> None:
     for variable in optimizer.variables:
         variable.assign(np.zeros(variable.shape, variable.dtype))
     optimizer.learning_rate = learning_rate
-
-
-def weights_of(model: keras.Model) -> list[np.ndarray]:
-    """The model's weights, each as an array: Keras gives a 0-d weight (EfficientNet's Normalization count) as a NumPy
-    scalar, which Flower's ArrayRecord refuses."""
-    return [np.asarray(w) for w in model.get_weights()]
 
 
 def load_initial_weights(model: keras.Model, path: str) -> None:

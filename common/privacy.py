@@ -33,7 +33,7 @@ def clip_update(weights: list[np.ndarray], reference: list[np.ndarray], clip_nor
     norm = update_norm(weights, reference)
     scale = min(1.0, clip_norm / norm) if norm > 0 else 1.0
     clipped = [
-        np.asarray(np.asarray(r, np.float64) + (np.asarray(w, np.float64) - np.asarray(r, np.float64)) * scale, np.asarray(w).dtype)
+        (np.asarray(r, np.float64) + (np.asarray(w, np.float64) - np.asarray(r, np.float64)) * scale).astype(np.asarray(w).dtype)
         for w, r in zip(weights, reference, strict=True)
     ]
     return clipped, norm
@@ -43,7 +43,7 @@ def add_gaussian_noise(weights: list[np.ndarray], stddev: float, rng: np.random.
     """Weights plus independent N(0, stddev^2) noise on every coordinate (each array keeps its dtype)."""
     if not stddev >= 0:
         raise ValueError(f"stddev must be non-negative, got {stddev}")
-    return [np.asarray(np.asarray(w, np.float64) + rng.normal(0.0, stddev, np.shape(w)), np.asarray(w).dtype) for w in weights]  # 0-d stays an array
+    return [(np.asarray(w, np.float64) + rng.normal(0.0, stddev, np.shape(w))).astype(np.asarray(w).dtype) for w in weights]
 
 
 def central_stddev(noise_multiplier: float, clip_norm: float, n_sites: int) -> float:

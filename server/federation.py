@@ -26,7 +26,7 @@ from common import wire
 from common.atomic import write_atomic
 from common.config import RunConfig
 from common.gradcam import randomisation_test
-from common.model import build_model, load_initial_weights, weights_of
+from common.model import build_model, load_initial_weights
 from common.site_data import server_heldout
 from server.checkpoint import Checkpoint, check_state, identity, load_checkpoint, require_model, save_checkpoint
 from server.defences import score_spread, unusable_scores
@@ -116,14 +116,14 @@ class _Run:
         self.heldout = server_heldout(cfg)
         backbone_weights = cfg.backbone_weights if checkpoint is None else ""  # a resumed run starts from its checkpoint
         self.model = build_model(cfg.model, self.heldout.images.shape[1:], len(cfg.labels), cfg.learning_rate, seed=cfg.seed, backbone_weights=backbone_weights)
-        shapes = [tuple(w.shape) for w in weights_of(self.model)]
+        shapes = [tuple(w.shape) for w in self.model.get_weights()]
         if checkpoint is not None:
             require_model(checkpoint, identity(cfg, shapes), self.folder)
         elif cfg.initial_weights:
             load_initial_weights(self.model, cfg.initial_weights)
         weights = self.model.weights
         self.strategy = HospitalFedAvg(cfg, shapes, [w.trainable for w in weights], [w.path.endswith("moving_variance") for w in weights])
-        self.arrays = ArrayRecord(weights_of(self.model))
+        self.arrays = ArrayRecord(self.model.get_weights())
         self.config = ConfigRecord({wire.RUN_FOLDER: str(self.folder)})
         if checkpoint is None:
             self._record(self._round_zero())
@@ -237,7 +237,7 @@ class _Run:
         """Judge the round against the best so far, hand it to the recorders, then checkpoint the run."""
         if report.best:
             self.best, self.best_round, self.stale = report.selection, report.round, 0
-            self.best_weights = weights_of(self.model)
+            self.best_weights = self.model.get_weights()
         elif report.round > 0:
             self.stale += 1
         if report.round > 0:

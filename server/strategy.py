@@ -255,7 +255,7 @@ class HospitalFedAvg(FedAvg):
             self.keep_out()
             return None, None
         metrics = MetricRecord({wire.NUM_EXAMPLES: total, wire.TRAIN_LOSS: self.record.train_loss})
-        return ArrayRecord([np.asarray(w, dtypes[i]) for i, w in enumerate(weights)]), metrics  # a 0-d weight stays an array
+        return ArrayRecord([w.astype(dtypes[i]) for i, w in enumerate(weights)]), metrics
 
     def keep_out(self) -> None:
         """The round's new global model will not be used: FedAdam forgets the step it took towards it."""

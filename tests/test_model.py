@@ -6,7 +6,9 @@ import keras
 import numpy as np
 import pytest
 
-from common.model import LAST_CONV, build_model, class_weights, load_initial_weights, reset_optimizer, set_anchor, set_class_weights
+from common.model import (
+    LAST_CONV, build_model, class_weights, load_initial_weights, log_prior_odds, reset_optimizer, set_anchor, set_class_weights, weigh_classes,
+)
 
 
 @pytest.mark.parametrize("name", ["lightcnn", "seedcnn"])
@@ -42,6 +44,25 @@ def test_weights_and_focal_term_scale_the_loss_as_defined():
     p_true = np.array([0.5, 1 - 1 / (1 + np.exp(-3.0))])  # the probability each image's true class gets
     assert np.allclose(focal.loss(truth, logits), np.mean((1 - p_true) ** 2 * bce), rtol=1e-5)
     assert not any(w.name in ("positive_weight", "negative_weight") for w in model.weights)  # never sent as weights
+
+
+def test_logit_adjustment_shifts_each_sites_logits_by_its_own_log_prior_odds():
+    labels = np.array([[1, 0]] * 3 + [[0, 0]], np.uint8)  # label 0: 3 positives of 4; label 1: none
+    assert np.allclose(log_prior_odds(labels), [np.log(4 / 2), np.log(1 / 5)])  # add-one smoothed
+    model = build_model("lightcnn", (16, 16, 1), 2, 1e-3)
+    weigh_classes(model, labels, "logit-adjusted")
+    truth, logits = np.array([[1.0, 0.0], [0.0, 0.0]], np.float32), np.array([[0.5, -1.0], [2.0, 0.0]], np.float32)
+    shifted = logits + np.log([[2.0, 0.2]])  # z + log((pos + 1) / (neg + 1)), hand-computed
+    p = 1 / (1 + np.exp(-shifted))
+    expected = -(truth * np.log(p) + (1 - truth) * np.log(1 - p))  # BCE per image and label, class weights of one
+    assert np.allclose(model.loss(truth, logits), expected.mean(), rtol=1e-5)
+    one_class = np.ones((50, 1), np.uint8)  # a site holding positives only: its loss, and so its pull, nearly vanishes
+    alone = build_model("lightcnn", (16, 16, 1), 1, 1e-3)
+    weigh_classes(alone, one_class, "logit-adjusted")
+    assert float(alone.loss(np.ones((1, 1), np.float32), np.zeros((1, 1), np.float32))) < 0.02
+    weigh_classes(alone, one_class, "balanced")  # the other weightings leave the logits as they are
+    assert float(alone.loss(np.ones((1, 1), np.float32), np.zeros((1, 1), np.float32))) == pytest.approx(0.5 * np.log(2), rel=1e-5)
+    assert not any("logit_offset" in w.path for w in alone.weights)  # the site's prior never leaves it
 
 
 def test_the_default_model_keeps_the_last_convolution_at_half_resolution():
