@@ -255,11 +255,16 @@ def plot(curves: pd.DataFrame, path: Path) -> None:
         label = method if method != "pooled" else "pooled (x: epochs / local epochs)"
         line = ax.plot(by_round.mean().index, by_round.mean().values, marker="o", ms=3, label=label)[0]
         ax.fill_between(by_round.mean().index, by_round.min().values, by_round.max().values, color=line.get_color(), alpha=0.15)
+    _save_auc_plot(fig, ax, curves, "PneumoniaMNIST 28x28, 5 hospitals: AUC by round (mean, range over seeds)", path)
+
+
+def _save_auc_plot(fig: plt.Figure, ax: plt.Axes, curves: pd.DataFrame, title: str, path: Path) -> None:
+    """The target line, axes, legend and title of an AUC-against-rounds plot; saved and closed."""
     ax.axhline(TARGET_AUC, color="grey", ls="--", lw=1, label=f"target AUC {TARGET_AUC}")
-    ax.set(xlabel="round", ylabel="AUC on the official test split (624 images)", title="PneumoniaMNIST 28x28, 5 hospitals: AUC by round (mean, range over seeds)")
+    ax.set(xlabel="round", ylabel="AUC on the official test split", title=title)
     ax.set_ylim(max(0.5, curves["test_auc"].min() - 0.02), 1.0)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8, loc="lower right")
+    ax.legend(fontsize=7, loc="lower right")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -298,14 +303,7 @@ def plot_worst_seed(curves: pd.DataFrame, runs: pd.DataFrame, path: Path) -> Non
         curve = curves[(curves["method"] == method) & (curves["split"] == split) & (curves["seed"] == seed)].sort_values("round")
         if len(curve):
             ax.plot(curve["round"], curve["test_auc"], marker="o", ms=3, label=f"{method} on {split}, seed {seed}")
-    ax.axhline(TARGET_AUC, color="grey", ls="--", lw=1, label=f"target AUC {TARGET_AUC}")
-    ax.set(xlabel="round", ylabel="AUC on the official test split", title="Each method's worst seed, round by round")
-    ax.set_ylim(max(0.5, curves["test_auc"].min() - 0.02), 1.0)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, loc="lower right")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    _save_auc_plot(fig, ax, curves, "Each method's worst seed, round by round", path)
 
 
 def main(argv: list[str] | None = None) -> int:
