@@ -78,6 +78,7 @@ FEDERATED = {  # method -> (split, extra run settings)
     "logit-adjusted-dirichlet-0.1": ("dirichlet-0.1", {"class-weighting": "logit-adjusted"}),
     "logit-adjusted-iid": ("iid", {"class-weighting": "logit-adjusted"}),
     "fedavg-lr0.001-dirichlet-0.5": ("dirichlet-0.5", {"learning-rate": 0.001}),
+    "clipped-mean-dirichlet-0.5": ("dirichlet-0.5", {"aggregation": "clipped-mean"}),
     # a Keras backbone against lightcnn on one split, both at 32x32 (the backbones' smallest input); random initial
     # weights: ImageNet's cannot be fetched on this machine
     "fedavg-iid-32": ("iid", {"image-size": 32}),
