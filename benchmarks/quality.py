@@ -2,7 +2,10 @@
 
     .venv/bin/python benchmarks/quality.py                        # every method, seeds 0-4 (hours on 2 cores)
     .venv/bin/python benchmarks/quality.py --seeds 0,1 --only fedavg-dirichlet-0.5
-    .venv/bin/python benchmarks/quality.py --seeds 100-102 --only ... # seeds for choosing settings, not the judged 0-4
+    .venv/bin/python benchmarks/quality.py --seeds 124,139,131 --only clipped-mean-dirichlet-0.5 --results benchmarks/results/tuning
+
+Settings are chosen on seeds other than the judged 0-4, in benchmarks/results/tuning/ (seeds 124, 139 and 131 give one
+hospital a third to a half of the images and pneumonia only, as judged seed 2 does; 100-102 do not).
 
 Every method sees the same images and the same number of passes over them (rounds x local epochs = epochs):
 - pooled: the same CNN trained in one process on all hospitals' training shares of a split together (the ceiling);
