@@ -11,6 +11,15 @@ import pytest  # noqa: E402
 from common.config import RunConfig, parse_run_config  # noqa: E402
 
 
+def pytest_configure(config: pytest.Config) -> None:
+    """The tests' own TensorFlow (building a DenseNet, training in-process) gets one thread, as a hospital's client
+    process does: with two pytest workers on two cores, one worker's TensorFlow taking both cores starved the other's
+    simulation of its start-up heartbeat (Flower fails a run that has not started within 30 s)."""
+    from common.runtime import configure_tensorflow
+
+    configure_tensorflow(1)
+
+
 @pytest.fixture
 def small_cfg(tmp_path) -> RunConfig:
     """Three hospitals of 40 images at 32x32: big enough for every split, small enough to train in seconds."""
