@@ -28,7 +28,7 @@ from common.atomic import write_csv  # noqa: E402
 from common.bin_floor import floor_intervals  # noqa: E402
 from common.config import RunConfig, parse_run_config  # noqa: E402
 from common.metrics import figures, statistics, threshold_edge  # noqa: E402
-from common.model import reset_optimizer, run_model, set_anchor, weigh_classes  # noqa: E402
+from common.model import reset_optimizer, round_learning_rate, run_model, set_anchor, weigh_classes  # noqa: E402
 from common.pipeline import batches, dataset, decoded  # noqa: E402
 from common.privacy import add_gaussian_noise, clip_update, local_stddev  # noqa: E402
 from common.runtime import configure_tensorflow  # noqa: E402
@@ -131,6 +131,7 @@ def train(run_config: dict, node_config: dict, weights: list[np.ndarray], server
     """Fit the global weights on this hospital's training images for the run's local epochs."""
     cfg, site, model = _setup(run_config, node_config, weights, server_round)
     reset_optimizer(model)
+    model.optimizer.learning_rate = round_learning_rate(cfg, server_round)
     set_anchor(model)  # FedProx: the global weights just received
     labels = site.data.train.labels
     weigh_classes(model, labels, cfg.class_weighting)

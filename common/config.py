@@ -14,11 +14,14 @@ from typing import Any, Callable
 from common.errors import ConfigError
 from common.site_file import FITS
 
-MODELS = ("lightcnn", "seedcnn", "densenet121", "resnet50", "efficientnetb0")  # common/model.py ARCHITECTURES, without importing Keras
+LIGHT_MODELS = ("lightcnn", "lightcnn-gn", "seedcnn")
+BACKBONE_MODELS = ("densenet121", "resnet50", "efficientnetb0")
+MODELS = LIGHT_MODELS + BACKBONE_MODELS  # common/model.py ARCHITECTURES, without importing Keras
 PARTITIONS = ("iid", "dirichlet")
 LOSSES = ("bce", "focal")
+SCHEDULES = ("constant", "cosine")
 WEIGHTINGS = ("none", "balanced", "logit-adjusted")
-AGGREGATIONS = ("fedavg", "fedadam", "clipped-mean", "median", "trimmed-mean", "multikrum")
+AGGREGATIONS = ("fedavg", "fedadam", "fedavgm", "clipped-mean", "median", "trimmed-mean", "multikrum")
 OVERLAPS = ("count", "exclude")
 PRIVACY = ("off", "central", "local")
 
@@ -46,10 +49,12 @@ class RunConfig:
     local_epochs: int = _setting(2, _positive, "an integer >= 1", "passes over a hospital's images per round")
     batch_size: int = _setting(16, _positive, "an integer >= 1", "images per training step")
     learning_rate: float = _setting(3e-3, _positive, "a number > 0", "Adam's learning rate")
+    learning_rate_schedule: str = _setting("constant", lambda v: v in SCHEDULES, f"one of {', '.join(SCHEDULES)}", "constant: learning-rate every round; cosine: from learning-rate in round 1 down to a tenth of it in the last round, so late rounds move the model less and hospitals drift apart less (FedAvg needs a falling rate on skewed data, Li et al. 2020)")
     fraction_train: float = _setting(1.0, _fraction, "a number in (0, 1]", "share of hospitals sampled to train each round")
     fraction_evaluate: float = _setting(1.0, _fraction, "a number in (0, 1]", "share of hospitals sampled to validate each round")
-    aggregation: str = _setting("fedavg", lambda v: v in AGGREGATIONS, f"one of {', '.join(AGGREGATIONS)}", "fedavg: the example-weighted mean; fedadam: that mean's step taken by a server-side Adam (Reddi et al. 2021); robust to a broken or hostile hospital: clipped-mean, median, trimmed-mean, multikrum (server/aggregation.py says which to choose when)")
+    aggregation: str = _setting("fedavg", lambda v: v in AGGREGATIONS, f"one of {', '.join(AGGREGATIONS)}", "fedavg: the example-weighted mean; fedadam: that mean's step taken by a server-side Adam (Reddi et al. 2021); fedavgm: by server momentum (Hsu et al. 2019); robust to a broken or hostile hospital: clipped-mean, median, trimmed-mean, multikrum (server/aggregation.py says which to choose when)")
     server_learning_rate: float = _setting(0.01, _positive, "a number > 0", "fedadam: the server Adam's learning rate")
+    server_momentum: float = _setting(0.9, lambda v: 0 <= v < 1, "a number in [0, 1)", "fedavgm: beta of the server's momentum (0: plain FedAvg)")
     trim_fraction: float = _setting(0.2, lambda v: 0 <= v < 0.5, "a number in [0, 0.5)", "trimmed-mean: share of the highest and of the lowest values cut per weight")
     krum_byzantine: int = _setting(1, lambda v: v >= 0, "an integer >= 0", "multikrum: hospitals that may be hostile; the n - this updates closest to the others are averaged")
     max_update_norm: float = _setting(10.0, lambda v: v >= 0, "a number >= 0 (0: off)", "a train reply whose change to the model is larger than this many times the global model's own size (L2, whole model) is refused, naming the hospital")
@@ -225,15 +230,15 @@ def _resolve_paths(cfg: RunConfig, base_dir: Path) -> RunConfig:
         if not Path(cfg.initial_weights).is_file():
             raise ConfigError(f"run setting 'initial-weights': file not found: {cfg.initial_weights}")
     if cfg.backbone_weights:
-        if cfg.model in MODELS[:2]:
-            raise ConfigError(f"run setting 'backbone-weights' is for an ImageNet backbone ({', '.join(MODELS[2:])}), not model {cfg.model!r}")
+        if cfg.model in LIGHT_MODELS:
+            raise ConfigError(f"run setting 'backbone-weights' is for an ImageNet backbone ({', '.join(BACKBONE_MODELS)}), not model {cfg.model!r}")
         if not cfg.backbone_weights.endswith((".h5", ".hdf5")):
             raise ConfigError(f"run setting 'backbone-weights' = {cfg.backbone_weights!r}: expected keras.applications' *_notop.h5 file")
         if not Path(cfg.backbone_weights).is_file():
             raise ConfigError(f"run setting 'backbone-weights': file not found: {cfg.backbone_weights}")
         if cfg.initial_weights:
             raise ConfigError("run settings 'backbone-weights' and 'initial-weights' both set: expected one source of initial weights")
-    if cfg.model in MODELS[2:] and cfg.image_size < 32:
+    if cfg.model in BACKBONE_MODELS and cfg.image_size < 32:
         raise ConfigError(f"run setting 'image-size' = {cfg.image_size}: model {cfg.model!r} needs at least 32")
     if "/" in cfg.run_name or cfg.run_name in (".", ".."):
         raise ConfigError(f"run setting 'run-name' = {cfg.run_name!r}: expected a plain folder name")

@@ -119,9 +119,9 @@ BLOCK = re.compile(r"^(conv\d+_block\d+|block\d+[a-z]|pool\d+|conv\d+|stem|top)_
 
 def block_of(layer_name: str) -> str:
     """The block a layer belongs to: keras.applications' block (conv4_block7, block6a, pool3, stem, top), else the
-    layer with its batch normalisation and activation (conv1, conv1_bn, conv1_relu: conv1)."""
+    layer with its normalisation and activation (conv1, conv1_bn or conv1_gn, conv1_relu: conv1)."""
     found = BLOCK.match(layer_name)
-    return found.group(1) if found else re.sub(r"_(bn|relu)$", "", layer_name)
+    return found.group(1) if found else re.sub(r"_(bn|gn|relu)$", "", layer_name)
 
 
 def randomisation_test(model: keras.Model, images: np.ndarray, label: int, seed: int = 0) -> list[tuple[str, float]]:

@@ -22,14 +22,18 @@ LAST_CONV = "last_conv"
 LOGITS = "logits"
 
 
-def _conv_block(x, filters: int, name: str):
-    """3x3 convolution, batch normalisation (fast-tracking statistics: few local steps per round), ReLU."""
+def _conv_block(x, filters: int, name: str, norm: str):
+    """3x3 convolution, normalisation, ReLU. batch: batch normalisation (fast-tracking statistics: few local steps per
+    round); group: group normalisation, 4 channels a group, the same in training and inference whatever the batch holds."""
     x = keras.layers.Conv2D(filters, 3, padding="same", use_bias=False, name=name)(x)
-    x = keras.layers.BatchNormalization(momentum=0.9, name=f"{name}_bn")(x)
+    if norm == "group":
+        x = keras.layers.GroupNormalization(groups=filters // 4, name=f"{name}_gn")(x)
+    else:
+        x = keras.layers.BatchNormalization(momentum=0.9, name=f"{name}_bn")(x)
     return keras.layers.ReLU(name=f"{name}_relu")(x)
 
 
-def lightcnn(input_shape: tuple[int, int, int], n_labels: int) -> keras.Model:
+def lightcnn(input_shape: tuple[int, int, int], n_labels: int, norm: str = "batch") -> keras.Model:
     """The default light CNN: global max pooling over a last convolution at half the input resolution.
 
     A finding is present if it is present anywhere, so the head takes each feature's maximum over the image; the last
@@ -37,13 +41,13 @@ def lightcnn(input_shape: tuple[int, int, int], n_labels: int) -> keras.Model:
     reached a pooled held-out AUC of 0.99 in two epochs where global average pooling stayed near 0.7 after 24.
     """
     inputs = keras.Input(input_shape, name="image")  # (b, s, s, c)
-    x = _conv_block(inputs, 16, "conv1")  # (b, s, s, 16)
+    x = _conv_block(inputs, 16, "conv1", norm)  # (b, s, s, 16)
     x = keras.layers.MaxPooling2D(2, name="pool")(x)  # (b, s/2, s/2, 16)
-    x = _conv_block(x, 32, "conv2")  # (b, s/2, s/2, 32)
-    x = _conv_block(x, 32, LAST_CONV)  # (b, s/2, s/2, 32)
+    x = _conv_block(x, 32, "conv2", norm)  # (b, s/2, s/2, 32)
+    x = _conv_block(x, 32, LAST_CONV, norm)  # (b, s/2, s/2, 32)
     x = keras.layers.GlobalMaxPooling2D(name="gmp")(x)  # (b, 32)
     logits = keras.layers.Dense(n_labels, dtype="float32", name=LOGITS)(x)  # (b, n_labels), float32 under mixed precision too
-    return keras.Model(inputs, logits, name="lightcnn")
+    return keras.Model(inputs, logits, name="lightcnn" if norm == "batch" else f"lightcnn-{norm[0]}n")
 
 
 def seedcnn(input_shape: tuple[int, int, int], n_labels: int) -> keras.Model:
@@ -71,7 +75,7 @@ def pretrained(name: str, input_shape: tuple[int, int, int], n_labels: int, weig
     return keras.Model(inputs, logits, name=name)
 
 
-ARCHITECTURES = {"lightcnn": lightcnn, "seedcnn": seedcnn, **{name: functools.partial(pretrained, name) for name in BACKBONES}}
+ARCHITECTURES = {"lightcnn": lightcnn, "lightcnn-gn": functools.partial(lightcnn, norm="group"), "seedcnn": seedcnn, **{name: functools.partial(pretrained, name) for name in BACKBONES}}
 
 
 @keras.saving.register_keras_serializable("fedimaging")
@@ -224,6 +228,15 @@ def weigh_classes(model: keras.Model, labels: np.ndarray, weighting: str) -> Non
     ones = np.ones(labels.shape[1])
     set_class_weights(model, *(class_weights(labels) if weighting == "balanced" else (ones, ones)))
     set_logit_offset(model, log_prior_odds(labels) if weighting == "logit-adjusted" else np.zeros(labels.shape[1]))
+
+
+def round_learning_rate(cfg: RunConfig, server_round: int) -> float:
+    """A hospital's learning rate in a round (1-based): the run's own, or on a cosine from it in round 1 to a tenth of it
+    in the last round."""
+    if cfg.learning_rate_schedule == "constant" or cfg.num_server_rounds == 1:
+        return cfg.learning_rate
+    progress = (min(max(server_round, 1), cfg.num_server_rounds) - 1) / (cfg.num_server_rounds - 1)
+    return cfg.learning_rate * (0.1 + 0.9 * (1 + np.cos(np.pi * progress)) / 2)
 
 
 def reset_optimizer(model: keras.Model) -> None:

@@ -1,4 +1,4 @@
-"""The next global model from the hospitals' weights: FedAvg's example-weighted mean, FedAdam's step along it, or a
+"""The next global model from the hospitals' weights: FedAvg's example-weighted mean, FedAdam's or FedAvgM's step along it, or a
 robust rule that bounds what one hospital can do (clipped mean, coordinate-wise median, trimmed mean, Multi-Krum).
 
 Which to choose (README, "Bounded influence"): fedavg or fedadam where every hospital is trusted; clipped-mean where
@@ -94,4 +94,34 @@ class ServerAdam:
             self.m[i] = self.beta1 * self.m[i] + (1 - self.beta1) * delta
             self.v[i] = self.beta2 * self.v[i] + (1 - self.beta2) * delta**2
             out.append(w + self.learning_rate * self.m[i] / (np.sqrt(self.v[i]) + self.tau))
+        return out
+
+
+@dataclass
+class ServerMomentum:
+    """FedAvgM (Hsu et al. 2019): the global model moves by a running sum of the rounds' pseudo-gradients (mean -
+    global), m = beta m + delta, scaled by 1 - beta: a steady pseudo-gradient moves it as far as FedAvg would, one that
+    swings from round to round (hospitals pulling the model back and forth under label skew) is damped.
+
+    Only trainable weights take the step; batch-normalisation statistics take the hospitals' mean.
+    """
+
+    beta: float
+    trainable: list[bool]  # per weight array, in model.get_weights() order
+    m: list[np.ndarray] = field(default_factory=list)  # the running sum, one per weight array
+    v: list[np.ndarray] = field(default_factory=list)  # none: the checkpoint's second moments stay empty
+    before: list[np.ndarray] = field(default_factory=list)  # the running sum before the last step
+
+    def undo(self) -> None:
+        """Forget the last step (its model was kept out)."""
+        self.m = self.before
+
+    def step(self, current: list[np.ndarray], mean: list[np.ndarray]) -> list[np.ndarray]:
+        """The next global weights from the current ones and the hospitals' weighted mean."""
+        self.before = self.m
+        previous = self.m or [np.zeros_like(w, np.float64) for w in current]
+        self.m, out = [], []
+        for i, (w, avg) in enumerate(zip(current, mean)):
+            self.m.append(self.beta * previous[i] + (avg - w) if self.trainable[i] else previous[i])
+            out.append(w + (1 - self.beta) * self.m[i] if self.trainable[i] else avg)
         return out

@@ -34,7 +34,7 @@ class Checkpoint:
     identity: dict  # the model the weights belong to: architecture, labels, input, weight shapes (identity())
     weights: list[np.ndarray]  # the global model after this round
     best_weights: list[np.ndarray] = field(default_factory=list)  # the best model so far (empty: none yet)
-    adam: tuple[list[np.ndarray], list[np.ndarray]] | None = None  # fedadam's first and second moments
+    adam: tuple[list[np.ndarray], list[np.ndarray]] | None = None  # the server optimiser's moments: fedadam's first and second, fedavgm's running sum and none
     heat: np.ndarray | None = None  # (n_labels, m, h, w) the last round's heatmaps, for drift
     state: dict = field(default_factory=dict)  # JSON: best, best_round, stale, durations, heldout_rows, sample_rows, sites, last_row
 
@@ -106,7 +106,7 @@ def check_state(checkpoint: Checkpoint, n_heldout: int, folder: Path) -> None:
             ("held-out rows", kept.size and (kept.min() < 0 or kept.max() >= n_heldout or len(set(kept.tolist())) < kept.size)),
             ("Grad-CAM rows", sample.size and (sample.min() < 0 or sample.max() >= kept.size)),
             ("best weights", checkpoint.best_weights and [list(w.shape) for w in checkpoint.best_weights] != shapes),
-            ("optimiser moments", checkpoint.adam is not None and any([list(a.shape) for a in arrays] != shapes for arrays in checkpoint.adam)),
+            ("optimiser moments", checkpoint.adam is not None and any(arrays and [list(a.shape) for a in arrays] != shapes for arrays in checkpoint.adam)),
             ("round state", not all(isinstance(state[k], int) and state[k] >= 0 for k in ("stale", "dp_rounds"))),
         ]  # fmt: skip
     except (KeyError, TypeError, ValueError) as exc:

@@ -249,7 +249,7 @@ class _Run:
 
     def _checkpoint(self, rnd: int) -> Checkpoint:
         """The run's state after round rnd, for a resume."""
-        adam = self.strategy.server_adam
+        adam = self.strategy.server_optimiser
         state = {
             "best": dataclasses.asdict(self.best) if self.best else None, "best_round": self.best_round, "stale": self.stale,
             "durations": self.durations, "kept": self.kept.tolist(), "sample_rows": self.sample_rows.tolist(),
@@ -276,7 +276,7 @@ class _Run:
         self.previous_spread, self.kept_out = state["previous_spread"], state["kept_out"]
         self.strategy.dp_rounds = max(state["dp_rounds"], releases(self.folder))  # a round asked for after the checkpoint counts too
         if checkpoint.adam is not None:
-            self.strategy.server_adam.m, self.strategy.server_adam.v = checkpoint.adam
+            self.strategy.server_optimiser.m, self.strategy.server_optimiser.v = checkpoint.adam
         self.rows = [{k: math.nan if v is None else v for k, v in state["last_row"].items()}]
         self.arrays = ArrayRecord(checkpoint.weights)
         if checkpoint.best_weights:

@@ -22,7 +22,7 @@ from common.config import RunConfig
 from common.metrics import (
     auc_from_histograms, counts_at_edge, figures, log_loss_from_histograms, operating_point, per_label, sensitivity, specificity, threshold_edge,
 )  # fmt: skip
-from server.aggregation import ServerAdam, clipped_mean, median, multikrum, trimmed_mean, weighted_mean
+from server.aggregation import ServerAdam, ServerMomentum, clipped_mean, median, multikrum, trimmed_mean, weighted_mean
 from server.attendance import attend, sample
 from server.console import say
 from server.defences import Bounds, check_count, check_weights, finite_model
@@ -84,7 +84,8 @@ class HospitalFedAvg(FedAvg):
         self.roster = load_roster(cfg.roster) if cfg.roster else {}  # node id -> the hospital its key was registered for
         self.sites: dict[int, str] = {n: r.name for n, r in self.roster.items()}  # node id -> site name: the roster's, else learnt
         self.record = RoundRecord()
-        self.server_adam = ServerAdam(cfg.server_learning_rate, trainable) if cfg.aggregation == "fedadam" else None
+        optimisers = {"fedadam": lambda: ServerAdam(cfg.server_learning_rate, trainable), "fedavgm": lambda: ServerMomentum(cfg.server_momentum, trainable)}
+        self.server_optimiser = optimisers[cfg.aggregation]() if cfg.aggregation in optimisers else None
         self.current: list[np.ndarray] = []  # the global weights sent out this round
         declared = {r.name: r.images for r in self.roster.values() if r.images is not None}
         self.bounds = Bounds(cfg.max_update_norm, cfg.max_examples, declared)
@@ -258,9 +259,9 @@ class HospitalFedAvg(FedAvg):
         return ArrayRecord([w.astype(dtypes[i]) for i, w in enumerate(weights)]), metrics
 
     def keep_out(self) -> None:
-        """The round's new global model will not be used: FedAdam forgets the step it took towards it."""
-        if self.server_adam is not None:
-            self.server_adam.undo()
+        """The round's new global model will not be used: FedAdam or FedAvgM forgets the step it took towards it."""
+        if self.server_optimiser is not None:
+            self.server_optimiser.undo()
 
     def combine(self, accepted: list[wire.TrainReply]) -> list[np.ndarray]:
         """The next global weights from the accepted updates, by the run's aggregation rule (server/aggregation.py)."""
@@ -276,7 +277,7 @@ class HospitalFedAvg(FedAvg):
             self.record.left_out_by_rule = [r.site for i, r in enumerate(accepted) if i not in kept]
             return weights
         weights = private_mean(updates, cfg, self.variances) if cfg.dp != "off" else weighted_mean(updates, counts)
-        return self.server_adam.step(self.current, weights) if self.server_adam is not None else weights
+        return self.server_optimiser.step(self.current, weights) if self.server_optimiser is not None else weights
 
     def aggregate_evaluate(self, server_round: int, replies: Exchange | Iterable[Message]) -> MetricRecord | None:
         """Pool the valid replies' score intervals into global figures; each site's own figures beside them."""

@@ -39,7 +39,7 @@ def test_a_valid_configuration_parses_and_resolves_paths(tmp_path):
         ({"num-server-rounds": True}, "'num-server-rounds' = True"),
         ({"num-server-rounds": -1}, "'num-server-rounds' = -1 is out of range: expected an integer >= 1"),
         ({"dirichlet-alpha": 0}, "'dirichlet-alpha' = 0.0 is out of range: expected a number > 0"),
-        ({"model": "resnet"}, "'model' = 'resnet' is out of range: expected one of lightcnn, seedcnn"),
+        ({"model": "resnet"}, "'model' = 'resnet' is out of range: expected one of lightcnn, lightcnn-gn, seedcnn"),
         ({"partition": "random"}, "expected one of iid, dirichlet"),
         ({"threshold": 1.0}, "'threshold' = 1.0 is out of range"),
         ({"labels": "a,a"}, "'labels'"),

@@ -64,17 +64,18 @@ def test_pointing_energy_and_border_on_hand_made_maps():
     assert border_mask(50, 50).mean() == pytest.approx(0.36)
 
 
-def test_rank_correlation_and_the_randomisation_test():
+@pytest.mark.parametrize("name", ["lightcnn", "lightcnn-gn"])
+def test_rank_correlation_and_the_randomisation_test(name):
     rng = np.random.default_rng(0)
     a = rng.random((4, 8, 8))
     assert rank_correlation(a, a) == pytest.approx(1.0)
     assert rank_correlation(a, -a) == pytest.approx(-1.0)
     assert rank_correlation(a, np.zeros_like(a)) == 0.0  # a map that looks nowhere shares nothing with one that looks
     assert rank_correlation(np.zeros_like(a), np.zeros_like(a)) == 1.0  # and nothing changed between two such maps
-    model = build_model("lightcnn", (32, 32, 1), 1, 1e-3)
+    model = build_model(name, (32, 32, 1), 1, 1e-3)
     before = [w.copy() for w in model.get_weights()]
     stages = randomisation_test(model, rng.random((6, 32, 32, 1)).astype(np.float32), 0)
-    assert [name for name, _ in stages][0] == "logits" and stages[-1][0] == "conv1"
+    assert [stage for stage, _ in stages] == ["logits", "last_conv", "conv2", "conv1"]  # each convolution with its normalisation
     assert all(np.array_equal(a, b) for a, b in zip(before, model.get_weights()))  # the model itself is untouched
     assert all(-1 <= r <= 1 for _, r in stages)
 

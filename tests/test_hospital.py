@@ -4,6 +4,7 @@ hospital's failure."""
 
 from __future__ import annotations
 
+import numpy as np
 import pandas as pd
 import pytest
 
@@ -98,3 +99,16 @@ def test_a_refusal_reaches_the_servers_history_as_that_hospitals_failure(tmp_pat
     assert history.loc[1, "n_sites"] == 1 and history.loc[1, "n_failed"] >= 1
     refusal = "hospital-1 (train): client error: PolicyError: run setting 'aggregation' = 'fedavg' is not accepted by this hospital (accepted: 'fedadam')"
     assert refusal in history.loc[1, "failures"]
+
+
+def test_with_a_cosine_schedule_a_hospitals_last_round_moves_the_model_a_tenth_as_far_as_its_first(tmp_path):
+    cfg, path, *_ = _site_with_policy(tmp_path, "max-rounds-per-day: 100")
+    settings = {"learning-rate-schedule": "cosine", "num-server-rounds": 5, "local-epochs": 1, "deterministic": True}
+    model = build_model(cfg.model, (32, 32, 1), 1, cfg.learning_rate)
+    weights, learnt = model.get_weights(), [w.trainable for w in model.weights]  # not the batch statistics: no rate moves them
+    moved = []
+    for round_ in (1, 5):
+        ok, reply = answer("train", config_to_dict(cfg) | settings, {"site-config": str(path)}, weights, {"run_id": 1, "server_round": round_})
+        trained = reply[wire.ARRAYS].to_numpy_ndarrays()
+        moved.append(np.sqrt(sum(float(np.sum((a - b) ** 2)) for a, b, t in zip(trained, weights, learnt) if t)))
+    assert ok and 0.05 < moved[1] / moved[0] < 0.2  # Adam's steps scale with the rate: 0.1 x learning-rate in the last round

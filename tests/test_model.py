@@ -6,12 +6,14 @@ import keras
 import numpy as np
 import pytest
 
+from common.config import parse_run_config
 from common.model import (
-    LAST_CONV, build_model, class_weights, load_initial_weights, log_prior_odds, reset_optimizer, set_anchor, set_class_weights, weigh_classes,
+    LAST_CONV, build_model, class_weights, load_initial_weights, log_prior_odds, reset_optimizer, round_learning_rate, set_anchor,
+    set_class_weights, weigh_classes,
 )
 
 
-@pytest.mark.parametrize("name", ["lightcnn", "seedcnn"])
+@pytest.mark.parametrize("name", ["lightcnn", "lightcnn-gn", "seedcnn"])
 @pytest.mark.parametrize("n_labels", [1, 3])
 def test_one_logit_per_label_and_a_named_last_convolution(name, n_labels):
     model = build_model(name, (32, 32, 1), n_labels, 1e-3)
@@ -22,6 +24,8 @@ def test_one_logit_per_label_and_a_named_last_convolution(name, n_labels):
     assert isinstance(conv, keras.layers.Conv2D)
     logits = np.array([[2.0] * n_labels, [-1.0] * n_labels], np.float32)
     truth = np.array([[1] * n_labels, [1] * n_labels], np.float32)
+    if name == "lightcnn-gn":  # group normalisation: no batch statistics at all, so nothing differs at inference
+        assert not any(isinstance(layer, keras.layers.BatchNormalization) for layer in model.layers)
     expected = keras.losses.BinaryCrossentropy(from_logits=True, reduction=None)(truth, logits)
     assert np.allclose(model.loss(truth, logits), np.mean(expected))  # the loss reads logits: plain BCE by default
 
@@ -112,3 +116,10 @@ def test_the_proximal_term_keeps_local_training_near_the_global_weights_and_stay
         trainable = [w.trainable for w in model.weights]
         drift[mu] = sum(float(((a - b) ** 2).sum()) for a, b, t in zip(model.get_weights(), start, trainable) if t)
     assert drift[10.0] < 0.5 * drift[0.0]
+
+
+def test_the_cosine_schedule_falls_from_the_rate_to_a_tenth_of_it():
+    cfg = parse_run_config({"learning-rate": 0.002, "learning-rate-schedule": "cosine", "num-server-rounds": 3})
+    assert [round_learning_rate(cfg, r) for r in (1, 2, 3)] == pytest.approx([0.002, 0.002 * 0.55, 0.0002])  # (1 + cos(pi/2)) / 2 = 0.5
+    constant = parse_run_config({"learning-rate": 0.002, "num-server-rounds": 3})
+    assert [round_learning_rate(constant, r) for r in (1, 2, 3)] == [0.002] * 3

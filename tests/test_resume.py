@@ -189,3 +189,18 @@ def test_a_checkpoint_whose_state_does_not_fit_the_run_is_refused_in_one_line(tm
     written.state["kept"], written.best_weights = [0, 1, 2, 3], [np.zeros((3, 3), np.float32)]
     with pytest.raises(CheckpointError, match="its best weights do not fit this run"):
         check_state(written, 4, tmp_path)
+
+
+def test_fedavgms_momentum_survives_a_checkpoint_and_one_of_another_shape_is_refused(tmp_path):
+    from server.checkpoint import check_state
+
+    written, _ = _checkpoint()
+    written.state |= {"kept": [0, 1, 2, 3], "sample_rows": [0, 3], "stale": 1, "dp_rounds": 0}
+    written.adam = ([np.full((2, 3), 0.5), np.full(3, 0.25)], [])  # fedavgm: a running sum, no second moments
+    save_checkpoint(tmp_path, written)
+    read = load_checkpoint(tmp_path)
+    check_state(read, 4, tmp_path)
+    assert [a.tolist() for a in read.adam[0]] == [[[0.5] * 3] * 2, [0.25] * 3] and read.adam[1] == []
+    read.adam = ([np.zeros((3, 3))], [])
+    with pytest.raises(CheckpointError, match="optimiser moments do not fit this run"):
+        check_state(read, 4, tmp_path)

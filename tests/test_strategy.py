@@ -198,3 +198,20 @@ def test_fedadam_forgets_the_step_towards_a_model_that_is_kept_out():
     adam.step(current, [np.full(3, 1e150)])  # a step towards a broken mean
     adam.undo()
     assert np.array_equal(adam.m[0], m[0]) and np.array_equal(adam.v[0], v[0])  # as if the broken round never came
+
+
+def test_fedavgm_steps_by_its_momentum_and_forgets_a_step_kept_out():
+    from server.aggregation import ServerMomentum
+
+    momentum = ServerMomentum(0.5, [True, False])  # a weight and a batch-normalisation statistic
+    current = [np.zeros(2), np.ones(2)]
+    first = momentum.step(current, [np.full(2, 2.0), np.full(2, 3.0)])  # m = 2; w = 0 + 0.5 * 2
+    assert first[0].tolist() == [1.0, 1.0] and first[1].tolist() == [3.0, 3.0]  # the statistic takes the mean
+    second = momentum.step(first, [np.full(2, 0.0), np.full(2, 3.0)])  # a swing back: m = 0.5 * 2 + (0 - 1) = 0
+    assert second[0].tolist() == [1.0, 1.0]  # damped: FedAvg would have gone back to 0
+    third = momentum.step(second, [np.full(2, 1.0), np.full(2, 3.0)])  # steady: m = 0.5 * 0 + 0 = 0
+    assert third[0].tolist() == [1.0, 1.0]
+    kept = [a.copy() for a in momentum.m]
+    momentum.step(third, [np.full(2, 1e150), np.full(2, 3.0)])  # a step towards a broken mean
+    momentum.undo()
+    assert all(np.array_equal(a, b) for a, b in zip(momentum.m, kept))  # as if the broken round never came
