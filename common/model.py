@@ -47,7 +47,7 @@ def lightcnn(input_shape: tuple[int, int, int], n_labels: int, norm: str = "batc
     x = _conv_block(x, 32, LAST_CONV, norm)  # (b, s/2, s/2, 32)
     x = keras.layers.GlobalMaxPooling2D(name="gmp")(x)  # (b, 32)
     logits = keras.layers.Dense(n_labels, dtype="float32", name=LOGITS)(x)  # (b, n_labels), float32 under mixed precision too
-    return keras.Model(inputs, logits, name="lightcnn" if norm == "batch" else f"lightcnn-{norm[0]}n")
+    return keras.Model(inputs, logits, name="lightcnn" if norm == "batch" else "lightcnn-gn")
 
 
 def seedcnn(input_shape: tuple[int, int, int], n_labels: int) -> keras.Model:
@@ -236,7 +236,7 @@ def round_learning_rate(cfg: RunConfig, server_round: int) -> float:
     if cfg.learning_rate_schedule == "constant" or cfg.num_server_rounds == 1:
         return cfg.learning_rate
     progress = (min(max(server_round, 1), cfg.num_server_rounds) - 1) / (cfg.num_server_rounds - 1)
-    return cfg.learning_rate * (0.1 + 0.9 * (1 + np.cos(np.pi * progress)) / 2)
+    return cfg.learning_rate * (0.1 + 0.9 * (1 + float(np.cos(np.pi * progress))) / 2)
 
 
 def reset_optimizer(model: keras.Model) -> None:
