@@ -267,23 +267,35 @@ def summary(runs: pd.DataFrame, sites: pd.DataFrame) -> pd.DataFrame:
 
 
 def plot(curves: pd.DataFrame, path: Path) -> None:
-    """Held-out (official test) AUC against rounds, mean and range over seeds, one line per method."""
-    fig, ax = plt.subplots(figsize=(8, 5))
+    """Held-out (official test) AUC against rounds, mean and range over seeds, one line per method, one panel per split."""
+    fig, axes = _split_panels(curves)
     for (method, split), group in curves.groupby(["method", "split"], sort=False):
         by_round = group.groupby("round")["test_auc"]
         label = method if method != "pooled" else "pooled (x: epochs / local epochs)"
-        line = ax.plot(by_round.mean().index, by_round.mean().values, marker="o", ms=3, label=label)[0]
-        ax.fill_between(by_round.mean().index, by_round.min().values, by_round.max().values, color=line.get_color(), alpha=0.15)
-    _save_auc_plot(fig, ax, curves, "PneumoniaMNIST 28x28, 5 hospitals: AUC by round (mean, range over seeds)", path)
+        line = axes[split].plot(by_round.mean().index, by_round.mean().values, marker="o", ms=3, label=label)[0]
+        axes[split].fill_between(by_round.mean().index, by_round.min().values, by_round.max().values, color=line.get_color(), alpha=0.15)
+    _save_auc_plot(fig, axes, curves, "PneumoniaMNIST 28x28, 5 hospitals: AUC by round (mean, range over seeds)", path)
 
 
-def _save_auc_plot(fig: plt.Figure, ax: plt.Axes, curves: pd.DataFrame, title: str, path: Path) -> None:
-    """The target line, axes, legend and title of an AUC-against-rounds plot; saved and closed."""
-    ax.axhline(TARGET_AUC, color="grey", ls="--", lw=1, label=f"target AUC {TARGET_AUC}")
-    ax.set(xlabel="round", ylabel="AUC on the official test split", title=title)
-    ax.set_ylim(max(0.5, curves["test_auc"].min() - 0.02), 1.0)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, loc="lower right")
+def _split_panels(curves: pd.DataFrame) -> tuple[plt.Figure, dict[str, plt.Axes]]:
+    """One panel per split in the curves, side by side in rows of two, sharing the AUC axis."""
+    splits = [s for s in SPLITS if s in set(curves["split"])] or sorted(set(curves["split"]))
+    rows = (len(splits) + 1) // 2
+    fig, grid = plt.subplots(rows, min(2, len(splits)), figsize=(12, 4.5 * rows), sharey=True, squeeze=False)
+    for ax in grid.ravel()[len(splits):]:
+        ax.remove()
+    return fig, dict(zip(splits, grid.ravel()))
+
+
+def _save_auc_plot(fig: plt.Figure, axes: dict[str, plt.Axes], curves: pd.DataFrame, title: str, path: Path) -> None:
+    """The target line, axes, legend and title of each panel of an AUC-against-rounds plot; saved and closed."""
+    for split, ax in axes.items():
+        ax.axhline(TARGET_AUC, color="grey", ls="--", lw=1, label=f"target AUC {TARGET_AUC}")
+        ax.set(xlabel="round", ylabel="AUC on the official test split", title=split)
+        ax.set_ylim(max(0.5, curves["test_auc"].min() - 0.02), 1.0)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7, loc="lower right")
+    fig.suptitle(title)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -316,13 +328,13 @@ def done_rows(results: Path, rounds: int, epochs: int) -> set[tuple[str, str, in
 
 def plot_worst_seed(curves: pd.DataFrame, runs: pd.DataFrame, path: Path) -> None:
     """Held-out AUC against rounds on each method's worst seed (lowest final test AUC): the swings a mean hides."""
-    fig, ax = plt.subplots(figsize=(8, 5))
+    fig, axes = _split_panels(curves)
     for (method, split), group in runs.groupby(["method", "split"], sort=False):
         seed = int(group.loc[group["test_auc"].idxmin(), "seed"])
         curve = curves[(curves["method"] == method) & (curves["split"] == split) & (curves["seed"] == seed)].sort_values("round")
-        if len(curve):
-            ax.plot(curve["round"], curve["test_auc"], marker="o", ms=3, label=f"{method} on {split}, seed {seed}")
-    _save_auc_plot(fig, ax, curves, "Each method's worst seed, round by round", path)
+        if len(curve) and split in axes:
+            axes[split].plot(curve["round"], curve["test_auc"], marker="o", ms=3, label=f"{method}, seed {seed}")
+    _save_auc_plot(fig, axes, curves, "Each method's worst seed, round by round", path)
 
 
 def main(argv: list[str] | None = None) -> int:
