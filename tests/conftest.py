@@ -14,7 +14,7 @@ from common.config import RunConfig, parse_run_config  # noqa: E402
 def pytest_configure(config: pytest.Config) -> None:
     """The tests' own TensorFlow (building a DenseNet, training in-process) gets one thread, as a hospital's client
     process does: with two pytest workers on two cores, one worker's TensorFlow taking both cores starved the other's
-    simulation of its start-up heartbeat (Flower fails a run that has not started within 30 s)."""
+    simulation of its heartbeat (Flower fails a run whose simulation process sends none for 60 s)."""
     from common.runtime import configure_tensorflow
 
     configure_tensorflow(1)
