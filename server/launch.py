@@ -42,6 +42,14 @@ class RunFailed(RuntimeError):
     """The run did not complete; the message says why."""
 
 
+class TaskLost(RunFailed):
+    """Flower failed the run because the process running its ServerApp sent no heartbeat for a minute (a process
+    starved of CPU or frozen), not because of anything the run did: it can be started again."""
+
+
+LOST = "No heartbeat received from the task"  # Flower 1.42's reason for such a run
+
+
 def interruption(exc: BaseException) -> tuple[str, int]:
     """What stopped a command (Ctrl-C, or SIGTERM turned into SystemExit) in words, and the exit code it ends with."""
     return ("Ctrl-C", 130) if isinstance(exc, KeyboardInterrupt) else ("a termination signal", 143)
@@ -194,11 +202,16 @@ def run_outcome(connection: str, env: dict[str, str], run_id: str | None = None)
 def outcome(connection: str, env: dict[str, str], folder: Path, run_id: str | None = None) -> None:
     """Raise RunFailed saying why, unless the run finished every round it set out to: the run folder's status.json
     says how the run ended where the ServerApp could say it; where it could not (it crashed, or never started),
-    Flower's own status says it, and the status is marked failed with that reason."""
+    Flower's own status says it, and the status is marked failed with that reason; TaskLost where Flower lost the
+    ServerApp's process."""
     flower, details = run_outcome(connection, env, run_id)
     status = read_status(folder)
     if status is not None and status.get("status") == FINISHED and flower == "finished:completed":
         return
+    if LOST in details:
+        reason = f"Flower stopped the run: {details} (none for 60 s: its process was starved of CPU or frozen)"
+        mark_ended(folder, FAILED, reason)
+        raise TaskLost(f"{reason} (run folder {folder}, last round written: {(status or {}).get('last_round')})")
     if status is not None and status.get("status") == FAILED:
         raise RunFailed(f"{status.get('reason') or 'no reason recorded'} (run folder {folder})")
     reason = f"the run ended as {flower!r} in Flower: {details or 'no details'}"

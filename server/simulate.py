@@ -29,8 +29,8 @@ from common.deployment import write_secret
 from common.partition import assign_hospitals, pool_labels
 from common.site_file import load_site_config, site_label_sources
 from common.site_index import index_site
-from server.launch import BIN, PROJECT, RunFailed, flower_env, interruption, outcome, quiet_here, start_superlink, stop, stream_run, write_run_config
-from server.checkpoint import CheckpointError, identity, load_checkpoint, require_model
+from server.launch import BIN, PROJECT, RunFailed, TaskLost, flower_env, interruption, outcome, quiet_here, start_superlink, stop, stream_run, write_run_config
+from server.checkpoint import CHECKPOINT, CheckpointError, identity, load_checkpoint, require_model
 from server.run_folder import FAILED, INTERRUPTED, RUNNING, hold, mark_ended, resumed_config, run_folder
 
 CONNECTION = "fedimaging-simulation"
@@ -92,12 +92,54 @@ def federation_config(cfg: RunConfig) -> str:
     return f"num-supernodes={cfg.num_hospitals} client-resources-num-cpus={cfg.threads_per_client} client-resources-num-gpus=0.0"
 
 
+ATTEMPTS = 3  # a run Flower loses is started again this many times in all
+LOGS = ("superlink.log", "flwr-run.log")
+
+
 def simulate(cfg: RunConfig, app: Path = PROJECT, extra: dict[str, Any] | None = None, verbose: bool = False) -> Path:
     """Run the simulation to its end; returns the run folder, or raises RunFailed saying why. Another Flower app folder
     (one that wraps fedimaging's apps) may be run the same way, with its own run settings in extra. The console shows
-    the run's own lines (Flower's, Ray's and TensorFlow's too when verbose); all of them go to the run folder's flwr-run.log."""
+    the run's own lines (Flower's, Ray's and TensorFlow's too when verbose); all of them go to the run folder's
+    flwr-run.log. A run Flower lost (no heartbeat from its process for a minute: a machine too busy for it) is started
+    again, after its last checkpointed round, up to ATTEMPTS times in all; each lost attempt's logs stay in the folder."""
     folder = run_folder(cfg)
     print(f"fedimaging: simulating {cfg.num_hospitals} hospitals for {cfg.num_server_rounds} rounds; run folder {folder}", flush=True)
+    with tempfile.TemporaryDirectory(prefix="fi-lost-") as lost:
+        attempt = 1
+        try:
+            while True:
+                try:
+                    return simulate_once(cfg, app, extra, verbose)
+                except TaskLost as exc:
+                    if attempt == ATTEMPTS:
+                        raise RunFailed(f"{exc}; Flower lost the run {ATTEMPTS} times: give it a machine with CPU to spare") from None
+                    for log in LOGS:  # the next attempt writes its own
+                        if (folder / log).exists():
+                            shutil.move(folder / log, Path(lost) / f"{Path(log).stem}.lost-{attempt}.log")
+                    attempt += 1
+                    print(f"fedimaging: {exc}; starting it again (attempt {attempt} of {ATTEMPTS})", flush=True)
+                    cfg = start_again(cfg, folder)
+        finally:
+            if folder.is_dir():
+                for log in Path(lost).iterdir():
+                    shutil.copy(log, folder / log.name)
+
+
+def start_again(cfg: RunConfig, folder: Path) -> RunConfig:
+    """The settings to run again a run Flower lost: resuming it after its checkpointed round; or, where it stopped
+    before round 0 ended (no checkpoint: nothing learnt, nothing to lose), from the start in a folder made anew."""
+    if (folder / CHECKPOINT).is_file():
+        return prepare_resume(folder)
+    if cfg.resume:  # a resumed run always has its checkpoint: this folder is not one this function may empty
+        raise RunFailed(f"{folder} lost its checkpoint; nothing to start again from")
+    shutil.rmtree(folder, ignore_errors=True)
+    return cfg
+
+
+def simulate_once(cfg: RunConfig, app: Path, extra: dict[str, Any] | None, verbose: bool) -> Path:
+    """One attempt: a private SuperLink and Flower run of the app, stopped whatever happens; returns the run folder, or
+    raises RunFailed (TaskLost where Flower lost the run's process)."""
+    folder = run_folder(cfg)
     # Ray keeps Unix sockets in its temporary folder, whose paths may not exceed 107 bytes: a short folder of this run's
     # own (a long TMPDIR broke Ray's start, and two runs never share a session folder).
     short = "/tmp" if os.access("/tmp", os.W_OK) else None
@@ -117,12 +159,14 @@ def simulate(cfg: RunConfig, app: Path = PROJECT, extra: dict[str, Any] | None =
             stream_run(command, env, flwr_home / "flwr-run.log", verbose)
             try:
                 outcome(CONNECTION, env, folder)
+            except TaskLost:
+                raise
             except RunFailed as exc:
                 raise RunFailed(f"{exc}; Flower's log: {folder / 'flwr-run.log'}") from None
         finally:
             stop(superlink, flwr_home)
             if folder.is_dir():
-                for log in ("superlink.log", "flwr-run.log"):
+                for log in LOGS:
                     if (flwr_home / log).exists():
                         shutil.copy(flwr_home / log, folder / log)
     return folder

@@ -204,3 +204,48 @@ def test_fedavgms_momentum_survives_a_checkpoint_and_one_of_another_shape_is_ref
     read.adam = ([np.zeros((3, 3))], [])
     with pytest.raises(CheckpointError, match="optimiser moments do not fit this run"):
         check_state(read, 4, tmp_path)
+
+
+def test_a_run_flower_lost_starts_again_after_its_checkpoint_or_from_the_start_where_it_has_none(tmp_path):
+    folder = _stopped_run(tmp_path)  # round 1 checkpointed
+    again = simulate.start_again(parse_run_config({"output-dir": str(tmp_path), "run-name": "stopped"}), folder)
+    assert again.resume == str(folder.resolve()) and (folder / CHECKPOINT).is_file()
+
+    cfg = parse_run_config({"output-dir": str(tmp_path), "run-name": "early"})
+    early = tmp_path / "early"
+    early.mkdir()
+    (early / "config.json").write_text(json.dumps(config_to_dict(cfg)))
+    write_status(early, status="failed", reason="Flower stopped the run", last_round=-1)
+    assert simulate.start_again(cfg, early) == cfg and not early.exists()  # nothing learnt: made anew by the next attempt
+
+
+def test_a_serverapp_frozen_for_a_minute_in_round_0_is_lost_by_flower_and_run_again_to_its_end(tmp_path, own_flower_processes):
+    """Flower fails a run whose ServerApp process sends no heartbeat for 60 s (a machine too busy for it, here a
+    SIGSTOP): the command starts it again, says so, and ends with every round done and the lost attempt's logs kept."""
+    name, folder = "frozen", tmp_path / "frozen"
+    argv = [sys.executable, "-m", "server.simulate", "-c", SMALL, "-c", f"num-server-rounds=1 output-dir='{tmp_path}' run-name='{name}'"]
+    log = tmp_path / f"{name}.log"
+    run = subprocess.Popen(argv, cwd=PROJECT, env={**os.environ, "TMPDIR": str(tmp_path / "tmp")}, stdout=open(log, "w"), stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + 300
+    while not (folder / "status.json").exists() and time.monotonic() < deadline:
+        assert run.poll() is None, log.read_text()
+        time.sleep(0.1)
+    servers = [p for p in psutil.Process(run.pid).children(recursive=True) if "flwr-simulation" in " ".join(p.cmdline())]
+    assert servers, "no ServerApp process found"
+    try:
+        for server in servers:
+            server.suspend()
+        assert not (folder / CHECKPOINT).exists()  # frozen inside round 0: nothing checkpointed to resume from
+        code = run.wait(timeout=600)
+    finally:
+        for server in servers:
+            if server.is_running():
+                server.resume()
+    out = log.read_text()
+    assert code == 0, out
+    assert "Flower stopped the run: No heartbeat received from the task" in out and "starting it again (attempt 2 of 3)" in out, out
+    status = json.loads((folder / "status.json").read_text())
+    assert status["status"] == "finished" and status["last_round"] == 1
+    assert pd.read_csv(folder / "history.csv")["round"].tolist() == [0, 1]
+    assert {"flwr-run.lost-1.log", "superlink.lost-1.log", "flwr-run.log", "superlink.log"} <= {p.name for p in folder.iterdir()}
+    assert not own_flower_processes()
