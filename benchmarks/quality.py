@@ -83,6 +83,7 @@ FEDERATED = {  # method -> (split, extra run settings)
     "fedavg-lr0.001-dirichlet-0.5": ("dirichlet-0.5", {"learning-rate": 0.001}),  # the recommended setting since
     "fedavg-lr0.001-dirichlet-0.1": ("dirichlet-0.1", {"learning-rate": 0.001}),
     "fedavg-lr0.001-iid": ("iid", {"learning-rate": 0.001}),
+    "fedavg-lr0.001-scanners": ("scanners", {"learning-rate": 0.001}),
     "clipped-mean-dirichlet-0.5": ("dirichlet-0.5", {"aggregation": "clipped-mean"}),
     "fedprox-mu0.1-dirichlet-0.5": ("dirichlet-0.5", {"proximal-mu": 0.1}),
     "fedprox-mu1-dirichlet-0.5": ("dirichlet-0.5", {"proximal-mu": 1.0}),
@@ -372,12 +373,13 @@ def main(argv: list[str] | None = None) -> int:
                 continue
             if method in ("pooled", "local-only"):
                 for split in (s for s in baseline_splits if (method, s, seed) not in done):
-                    cfg = parse_run_config(run_config(args.data, split, seed, args.rounds, args.local_epochs))
+                    cfg, split_started = parse_run_config(run_config(args.data, split, seed, args.rounds, args.local_epochs)), time.time()
                     if method == "pooled":
                         row, site_rows, curve = run_pooled(cfg, split, seed)
                         curves.extend(curve)
                     else:
                         row, site_rows = run_local(cfg, split, seed)
+                    row["wall_s"] = round(time.time() - split_started, 1)
                     runs.append(row | made | {"when": time.strftime("%Y-%m-%d %H:%M")}), sites.extend(site_rows)
                 if not runs or runs[-1]["method"] != method or runs[-1]["seed"] != seed:
                     print(f"seed {seed} {method}: kept from quality.csv (--redo runs it again)", flush=True)
