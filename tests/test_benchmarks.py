@@ -53,6 +53,7 @@ def test_the_quality_benchmark_compares_pooled_local_and_federated_training(tmp_
     rounds = pd.read_csv(tmp_path / "results" / "quality-rounds.csv")
     assert sorted(rounds[rounds["method"] == "fedavg-iid"]["round"]) == [1, 2]
     assert (tmp_path / "results" / "quality.png").stat().st_size > 10_000 and "fedavg-iid" in out
+    assert runs["wall_s"].gt(0).all() and "the table's 3 rows took" in out  # every row timed, pooled and local-only too
     assert (tmp_path / "results" / "quality-worst-seed.png").stat().st_size > 10_000
     assert runs["command"].str.startswith("benchmarks/quality.py --data").all() and (runs["rounds"] == 2).all()
     again = _run("quality.py", *args)  # resumable: the rows written are kept, not run again
