@@ -43,8 +43,8 @@ class RunFailed(RuntimeError):
 
 
 class TaskLost(RunFailed):
-    """Flower failed the run because the process running its ServerApp sent no heartbeat for a minute (a process
-    starved of CPU or frozen), not because of anything the run did: it can be started again."""
+    """Flower failed the run because the process running its ServerApp sent no heartbeat for a minute (killed, crashed
+    hard, starved of CPU or frozen), not because of anything the run reported: it can be started again."""
 
 
 LOST = "No heartbeat received from the task"  # Flower 1.42's reason for such a run
@@ -209,7 +209,7 @@ def outcome(connection: str, env: dict[str, str], folder: Path, run_id: str | No
     if status is not None and status.get("status") == FINISHED and flower == "finished:completed":
         return
     if LOST in details:
-        reason = f"Flower stopped the run: {details} (none for 60 s: its process was starved of CPU or frozen)"
+        reason = f"Flower stopped the run: {details} (none for 60 s: its process was killed, crashed, starved of CPU or frozen)"
         mark_ended(folder, FAILED, reason)
         raise TaskLost(f"{reason} (run folder {folder}, last round written: {(status or {}).get('last_round')})")
     if status is not None and status.get("status") == FAILED:

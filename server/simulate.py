@@ -4,7 +4,8 @@ Checks the settings and runs the data check on every site file named, then start
 loopback ports with its own FLWR_HOME, submits the app with `flwr run --stream`, reads the run's real outcome from its
 folder's status.json (`flwr run` exits 0 even for a failed run) and stops every process it started. Exits 0 only when
 every round ran; 1 when the run failed (the reason is said); 2 on bad settings or data; 130 when interrupted.
-A run that stopped (a crash, Ctrl-C, a failure) goes on after its last checkpointed round with --resume.
+A run that stopped (a crash, Ctrl-C, a failure) goes on after its last checkpointed round with --resume; one whose
+ServerApp process Flower lost (killed, or starved on a busy machine) is resumed by the command itself.
 
     python -m server.simulate --run-config "num-server-rounds=5 partition='dirichlet'"
     python -m server.simulate --resume runs/20261202-101500
@@ -100,8 +101,9 @@ def simulate(cfg: RunConfig, app: Path = PROJECT, extra: dict[str, Any] | None =
     """Run the simulation to its end; returns the run folder, or raises RunFailed saying why. Another Flower app folder
     (one that wraps fedimaging's apps) may be run the same way, with its own run settings in extra. The console shows
     the run's own lines (Flower's, Ray's and TensorFlow's too when verbose); all of them go to the run folder's
-    flwr-run.log. A run Flower lost (no heartbeat from its process for a minute: a machine too busy for it) is started
-    again, after its last checkpointed round, up to ATTEMPTS times in all; each lost attempt's logs stay in the folder."""
+    flwr-run.log. A run Flower lost (no heartbeat from its process for a minute: killed, crashed hard, or on a machine
+    too busy for it) is started again, after its last checkpointed round, up to ATTEMPTS times in all; each lost
+    attempt's logs stay in the folder."""
     folder = run_folder(cfg)
     print(f"fedimaging: simulating {cfg.num_hospitals} hospitals for {cfg.num_server_rounds} rounds; run folder {folder}", flush=True)
     with tempfile.TemporaryDirectory(prefix="fi-lost-") as lost:
