@@ -109,8 +109,8 @@ def wait_for_health(process: subprocess.Popen, port: int, ca_file: Path | None, 
     raise RunFailed(f"the SuperLink did not become ready within {timeout:.0f} s")
 
 
-def stop(process: subprocess.Popen, flwr_home: Path) -> None:
-    """Stop the SuperLink and every process it started, detached ones included (they all carry our FLWR_HOME)."""
+def flower_processes(flwr_home: Path) -> set[psutil.Process]:
+    """Every process but this one carrying this FLWR_HOME: all that a run's SuperLink started, detached ones included."""
 
     def ours(p: psutil.Process) -> bool:
         try:
@@ -118,12 +118,11 @@ def stop(process: subprocess.Popen, flwr_home: Path) -> None:
         except (psutil.Error, OSError):
             return False
 
-    try:
-        root = psutil.Process(process.pid)
-        procs = {root, *root.children(recursive=True)}
-    except psutil.NoSuchProcess:
-        procs = set()
-    procs |= {p for p in psutil.process_iter() if p.pid != os.getpid() and ours(p)}
+    return {p for p in psutil.process_iter() if p.pid != os.getpid() and ours(p)}
+
+
+def end(procs: set[psutil.Process]) -> None:
+    """Terminate the processes, and kill those still alive 15 s later."""
     for p in procs:
         with contextlib.suppress(psutil.Error):
             p.terminate()
@@ -132,6 +131,16 @@ def stop(process: subprocess.Popen, flwr_home: Path) -> None:
         with contextlib.suppress(psutil.Error):
             p.kill()
     psutil.wait_procs(alive, timeout=5)
+
+
+def stop(process: subprocess.Popen, flwr_home: Path) -> None:
+    """Stop the SuperLink and every process it started, detached ones included (they all carry our FLWR_HOME)."""
+    try:
+        root = psutil.Process(process.pid)
+        procs = {root, *root.children(recursive=True)}
+    except psutil.NoSuchProcess:
+        procs = set()
+    end(procs | flower_processes(flwr_home))
     with contextlib.suppress(subprocess.TimeoutExpired):
         process.wait(1)
 

@@ -2,10 +2,11 @@
 
 Checks the settings and runs the data check on every site file named, then starts a private SuperLink on free
 loopback ports with its own FLWR_HOME, submits the app with `flwr run --stream`, reads the run's real outcome from its
-folder's status.json (`flwr run` exits 0 even for a failed run) and stops every process it started. Exits 0 only when
-every round ran; 1 when the run failed (the reason is said); 2 on bad settings or data; 130 when interrupted.
-A run that stopped (a crash, Ctrl-C, a failure) goes on after its last checkpointed round with --resume; one whose
-ServerApp process Flower lost (killed, or starved on a busy machine) is resumed by the command itself.
+folder's status.json (`flwr run` exits 0 even for a failed run) and stops every process it started (its watcher,
+server.reaper, does so where the command is killed outright). Exits 0 only when every round ran; 1 when the run
+failed (the reason is said); 2 on bad settings or data; 130 when interrupted. A run that stopped (a crash, Ctrl-C, a
+failure) goes on after its last checkpointed round with --resume; one whose ServerApp process Flower lost (killed, or
+starved on a busy machine) is resumed by the command itself.
 
     python -m server.simulate --run-config "num-server-rounds=5 partition='dirichlet'"
     python -m server.simulate --resume runs/20261202-101500
@@ -32,6 +33,7 @@ from common.site_file import load_site_config, site_label_sources
 from common.site_index import index_site
 from server.launch import BIN, PROJECT, RunFailed, TaskLost, flower_env, interruption, outcome, quiet_here, start_superlink, stop, stream_run, write_run_config
 from server.checkpoint import CHECKPOINT, CheckpointError, identity, load_checkpoint, require_model
+from server.reaper import watched
 from server.run_folder import FAILED, INTERRUPTED, RUNNING, hold, mark_ended, resumed_config, run_folder
 
 CONNECTION = "fedimaging-simulation"
@@ -106,25 +108,28 @@ def simulate(cfg: RunConfig, app: Path = PROJECT, extra: dict[str, Any] | None =
     attempt's logs stay in the folder."""
     folder = run_folder(cfg)
     print(f"fedimaging: simulating {cfg.num_hospitals} hospitals for {cfg.num_server_rounds} rounds; run folder {folder}", flush=True)
-    with tempfile.TemporaryDirectory(prefix="fi-lost-") as lost:
-        attempt = 1
-        try:
-            while True:
-                try:
-                    return simulate_once(cfg, app, extra, verbose)
-                except TaskLost as exc:
-                    if attempt == ATTEMPTS:
-                        raise RunFailed(f"{exc}; Flower lost the run {ATTEMPTS} times: give it a machine with CPU to spare") from None
-                    for log in LOGS:  # the next attempt writes its own
-                        if (folder / log).exists():
-                            shutil.move(folder / log, Path(lost) / f"{Path(log).stem}.lost-{attempt}.log")
-                    attempt += 1
-                    print(f"fedimaging: {exc}; starting it again (attempt {attempt} of {ATTEMPTS})", flush=True)
-                    cfg = start_again(cfg, folder)
-        finally:
+    lost: Path | None = None  # the lost attempts' logs, made only where Flower loses one (start_again may empty the folder)
+    attempt = 1
+    try:
+        while True:
+            try:
+                return simulate_once(cfg, app, extra, verbose)
+            except TaskLost as exc:
+                if attempt == ATTEMPTS:
+                    raise RunFailed(f"{exc}; Flower lost the run {ATTEMPTS} times: give it a machine with CPU to spare") from None
+                lost = lost or Path(tempfile.mkdtemp(prefix="fi-lost-"))
+                for log in LOGS:  # the next attempt writes its own
+                    if (folder / log).exists():
+                        shutil.move(folder / log, lost / f"{Path(log).stem}.lost-{attempt}.log")
+                attempt += 1
+                print(f"fedimaging: {exc}; starting it again (attempt {attempt} of {ATTEMPTS})", flush=True)
+                cfg = start_again(cfg, folder)
+    finally:
+        if lost:
             if folder.is_dir():
-                for log in Path(lost).iterdir():
+                for log in lost.iterdir():
                     shutil.copy(log, folder / log.name)
+            shutil.rmtree(lost, ignore_errors=True)
 
 
 def start_again(cfg: RunConfig, folder: Path) -> RunConfig:
@@ -153,24 +158,25 @@ def simulate_once(cfg: RunConfig, app: Path, extra: dict[str, Any] | None, verbo
         env = {**flower_env(flwr_home), "RAY_TMPDIR": ray_tmp, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(token)}
         settings = flwr_home / "run-config.toml"
         write_run_config(settings, cfg, extra)
-        superlink, port = start_superlink(flwr_home, env, ["--insecure", "--simulation", "--isolation", "subprocess"])
-        try:
-            write_connection(flwr_home, port)
-            command = [str(BIN / "flwr"), "run", str(app), CONNECTION, "--stream"]
-            command += ["--run-config", str(settings), "--federation-config", federation_config(cfg)]
-            stream_run(command, env, flwr_home / "flwr-run.log", verbose)
+        with watched(flwr_home, folder, LOGS, [flwr_home, Path(ray_tmp)]):  # killed outright, this process stops nothing itself
+            superlink, port = start_superlink(flwr_home, env, ["--insecure", "--simulation", "--isolation", "subprocess"])
             try:
-                outcome(CONNECTION, env, folder)
-            except TaskLost:
-                raise
-            except RunFailed as exc:
-                raise RunFailed(f"{exc}; Flower's log: {folder / 'flwr-run.log'}") from None
-        finally:
-            stop(superlink, flwr_home)
-            if folder.is_dir():
-                for log in LOGS:
-                    if (flwr_home / log).exists():
-                        shutil.copy(flwr_home / log, folder / log)
+                write_connection(flwr_home, port)
+                command = [str(BIN / "flwr"), "run", str(app), CONNECTION, "--stream"]
+                command += ["--run-config", str(settings), "--federation-config", federation_config(cfg)]
+                stream_run(command, env, flwr_home / "flwr-run.log", verbose)
+                try:
+                    outcome(CONNECTION, env, folder)
+                except TaskLost:
+                    raise
+                except RunFailed as exc:
+                    raise RunFailed(f"{exc}; Flower's log: {folder / 'flwr-run.log'}") from None
+            finally:
+                stop(superlink, flwr_home)
+                if folder.is_dir():
+                    for log in LOGS:
+                        if (flwr_home / log).exists():
+                            shutil.copy(flwr_home / log, folder / log)
     return folder
 
 

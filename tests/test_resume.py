@@ -118,6 +118,20 @@ def _simulation(tmp_path: Path, name: str) -> subprocess.Popen:
     return subprocess.Popen(argv, cwd=PROJECT, env=env, stdout=open(tmp_path / f"{name}.log", "w"), stderr=subprocess.STDOUT)
 
 
+def _wait_for_round(folder: Path, rnd: int, run: subprocess.Popen, log: Path) -> None:
+    """Wait until the run has checkpointed round rnd (at most 400 s), asserting it keeps running meanwhile."""
+    deadline = time.monotonic() + 400
+    while time.monotonic() < deadline:
+        try:
+            if load_checkpoint(folder).round >= rnd:
+                return
+        except CheckpointError:
+            pass
+        assert run.poll() is None, log.read_text()
+        time.sleep(0.2)
+    raise AssertionError(f"no checkpoint of round {rnd} in 400 s: {log.read_text()[-3000:]}")
+
+
 def test_a_serverapp_killed_after_round_2_is_resumed_by_the_command_to_the_same_figures_as_a_run_left_alone(tmp_path, own_flower_processes):
     """A hard crash of the ServerApp (SIGKILL: no handler runs) goes silent; Flower fails the run a minute later and
     the command resumes it after its checkpointed round, through the same path as `--resume`."""
@@ -126,15 +140,7 @@ def test_a_serverapp_killed_after_round_2_is_resumed_by_the_command_to_the_same_
 
     crashed = _simulation(tmp_path, "crashed")
     folder = tmp_path / "crashed"
-    deadline = time.monotonic() + 400
-    while time.monotonic() < deadline:
-        try:
-            if load_checkpoint(folder).round >= 2:
-                break
-        except CheckpointError:
-            pass
-        assert crashed.poll() is None, (tmp_path / "crashed.log").read_text()
-        time.sleep(0.2)
+    _wait_for_round(folder, 2, crashed, tmp_path / "crashed.log")
     servers = [p for p in psutil.Process(crashed.pid).children(recursive=True) if "flwr-simulation" in " ".join(p.cmdline())]
     assert servers, "no ServerApp process found"
     for server in servers:
@@ -152,6 +158,33 @@ def test_a_serverapp_killed_after_round_2_is_resumed_by_the_command_to_the_same_
     pd.testing.assert_frame_equal(history, _table(tmp_path / "whole" / "history.csv"))
     pd.testing.assert_frame_equal(_table(folder / "sites.csv"), _table(tmp_path / "whole" / "sites.csv"))
     assert sorted(p.name for p in (folder / "plots").iterdir()) == ["round_001.png", "round_002.png", "round_003.png"]
+    assert not own_flower_processes()
+
+
+def test_a_command_killed_outright_leaves_nothing_running_and_its_run_goes_on_with_resume_to_its_end(tmp_path, own_flower_processes):
+    """`kill -9` of server.simulate itself (or the out-of-memory killer) runs none of its cleanup: its watcher stops the
+    SuperLink, ServerApp and Ray processes it left, marks the run interrupted, and `--resume` finishes the run."""
+    killed = _simulation(tmp_path, "killed")
+    folder = tmp_path / "killed"
+    _wait_for_round(folder, 1, killed, tmp_path / "killed.log")
+    killed.kill()
+    killed.wait()
+    deadline = time.monotonic() + 60
+    while (own_flower_processes() or list((tmp_path / "tmp").iterdir())) and time.monotonic() < deadline:
+        time.sleep(1)  # the watcher stops the processes (15 s each at most), then marks the run and removes its folders
+    assert not own_flower_processes()
+    assert not list((tmp_path / "tmp").iterdir())  # the temporary Flower home is gone with its processes
+    status = json.loads((folder / "status.json").read_text())
+    assert status["status"] == "interrupted" and "was killed before it could stop the run" in status["reason"], status
+    assert (folder / "superlink.log").is_file() and (folder / "flwr-run.log").is_file()  # kept for whoever asks why
+
+    resumed = subprocess.run([sys.executable, "-m", "server.simulate", "--resume", str(folder)], cwd=PROJECT, capture_output=True, text=True,
+                             env={**os.environ, "TMPDIR": str(tmp_path / "tmp")}, timeout=600)  # fmt: skip
+    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+    assert "resuming" in resumed.stdout and "round 3/3" in resumed.stdout, resumed.stdout
+    status = json.loads((folder / "status.json").read_text())
+    assert status["status"] == "finished" and status["last_round"] == 3 and status["resumes"] == 1
+    assert pd.read_csv(folder / "history.csv")["round"].tolist() == [0, 1, 2, 3]  # every round once
     assert not own_flower_processes()
 
 
