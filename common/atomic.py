@@ -7,8 +7,10 @@ import contextlib
 import os
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import pandas as pd
+if TYPE_CHECKING:  # only the annotation: the processes that write no table (the run's watcher) need not load pandas
+    import pandas as pd
 
 
 def _partial(path: Path) -> Path:
