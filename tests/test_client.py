@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import subprocess
 import sys
@@ -187,13 +188,15 @@ def test_the_worker_refuses_strangers_never_unpickles_and_its_refusals_reach_the
     key = (worker.parent / "worker.key").read_bytes()
     with mpc.Client(str(worker), family="AF_UNIX", authkey=key) as connection:
         connection.send_bytes(b'{"protocol": 0, "kind": "train", "run_config": {}}')  # a ClientApp of another fedimaging version
-        connection.send_bytes(b"")
+        with contextlib.suppress(BrokenPipeError):  # the worker may have answered the first frame and hung up already
+            connection.send_bytes(b"")
         assert "install the same fedimaging version" in connection.recv_bytes().decode()
     marker = tmp_path / "pickle-ran"
     evil = pickle.dumps(type("Evil", (), {"__reduce__": lambda self: (open, (str(marker), "w"))})())
     with mpc.Client(str(worker), family="AF_UNIX", authkey=key) as connection:
         connection.send(evil)  # a pickle, as a rogue ClientApp holding the key might send
-        connection.send_bytes(b"")
+        with contextlib.suppress(BrokenPipeError):
+            connection.send_bytes(b"")
         assert "does not decode" in connection.recv_bytes().decode()
     assert not marker.exists()  # nothing the caller sent was unpickled
     with pytest.raises(WorkerError, match="does not answer"):
